@@ -1,0 +1,104 @@
+"""Safe loading of model weights: our checkpoints, official Vim / ShuffleMamba files, raw state dicts.
+
+Files are read with ``torch.load(weights_only=True)``; the only class allowed beyond
+tensors and plain containers is ``argparse.Namespace`` (official files pickle their
+``args``). A file that needs anything else is refused with the name of the global,
+never unpickled without restriction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models.vim import checkpoint_filter_fn
+
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load with weights_only=True and the Namespace allow-list; clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds objects outside the safe allow-list (tensors, containers, argparse.Namespace); "
+            f"refusing to unpickle it. torch said: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict or a state dict")
+    return dict(obj)
+
+
+def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> dict[str, Tensor]:
+    """Pick the weights from a checkpoint dict.
+
+    ``use_ema=True`` requires ``model_ema``; ``False`` takes ``model``; ``None`` prefers
+    ``model_ema`` when present. A dict of tensors is taken as a raw state dict.
+    """
+    wrapped = any(k in checkpoint for k in ("model", "model_ema", "state_dict"))
+    if not wrapped:
+        if use_ema:
+            raise CheckpointError("use_ema=True but the file is a raw state dict with no EMA weights")
+        return dict(checkpoint)
+    has_ema = isinstance(checkpoint.get("model_ema"), Mapping) and len(checkpoint["model_ema"]) > 0
+    if use_ema and not has_ema:
+        raise CheckpointError(
+            f"use_ema=True but the checkpoint has no 'model_ema' (keys: {sorted(checkpoint)}); "
+            "evaluate the raw weights instead (eval.ema=false)"
+        )
+    if has_ema and use_ema is not False:
+        return dict(checkpoint["model_ema"])
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            return dict(checkpoint[key])
+    raise CheckpointError(f"checkpoint has no 'model' weights (keys: {sorted(checkpoint)})")
+
+
+def load_weights(
+    model: nn.Module, source: str | os.PathLike | Mapping[str, Any], use_ema: bool | None = None
+) -> dict[str, Any]:
+    """Load weights into ``model`` strictly, resizing the position embedding if needed.
+
+    ``source`` is a path or an already-loaded dict. Returns the full checkpoint dict (so
+    callers can read ``epoch``, ``args``...). Raises :class:`CheckpointError` listing the
+    missing, unexpected and mis-shaped keys when the weights do not fit.
+    """
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+    state = checkpoint_filter_fn(select_state_dict(checkpoint, use_ema), model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or mis_shaped:
+        lines = ["checkpoint does not match the model (wrong model size or class count?)"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+            if keys:
+                shown = keys[:20] + ([f"... {len(keys) - 20} more"] if len(keys) > 20 else [])
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    return checkpoint

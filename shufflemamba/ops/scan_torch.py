@@ -1,0 +1,273 @@
+"""Selective scan in pure PyTorch, fast on CPU, exact to the sequential reference.
+
+Why it is fast: the recurrence is the only part that must be sequential, so it is
+reduced to one in-place ``addcmul_`` per time step on a contiguous (batch, N, dim)
+slab; everything else (discretisation, the C contraction, every gradient) is done as
+large vectorised ops or batched matmuls. The sequence is processed in chunks of a few
+time steps so that a chunk's (T, batch, N, dim) working set stays in cache. The
+backward pass recomputes each chunk from its saved starting state (as the CUDA kernel
+does) instead of keeping every state alive: memory is O(length / T) states, not
+O(length). Inference skips the saved states altogether. State is accumulated in
+float32 whatever the input dtype (float64 stays float64, for gradcheck-grade tests).
+
+Internal layout: time-major, the state as (batch, G, N, dim // G) with the channel axis
+innermost, so that y_t = C_t @ H_t is a row-vector matmul (the fast case for CPU BLAS).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Elements of one chunk's (T, batch, N, dim) slab; tuned with scripts/benchmark_scan.py.
+_CHUNK_ELEMENTS = int(os.environ.get("SHUFFLEMAMBA_SCAN_CHUNK_ELEMENTS", 1 << 18))
+
+
+def _chunk_len(batch: int, dim: int, d_state: int, length: int) -> int:
+    return max(1, min(length, _CHUNK_ELEMENTS // max(1, batch * dim * d_state)))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)) to float rounding, ~3x faster than F.softplus on CPU.
+
+    max(x, 0) + log1p(exp(-|x|)), with log1p(y) = log(u) - (u - 1 - y) / u, u = 1 + y:
+    torch's CPU log1p is not vectorised, log is; the second term corrects the rounding of u.
+    """
+    if x.is_cuda:
+        return F.softplus(x)
+    y = torch.exp(-x.abs())
+    u = y + 1
+    corr = (u - 1).sub_(y).div_(u)
+    return torch.log(u).sub_(corr).add_(x.clamp(min=0))
+
+
+def _time_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(b, d, L) -> contiguous (L, b, d) in the compute dtype."""
+    return x.to(dtype).permute(2, 0, 1).contiguous()
+
+
+def _bc_time_major(mat: Tensor, dtype: torch.dtype) -> Tensor:
+    """B or C, (b, N, L) or (b, G, N, L) -> contiguous (L, b, G, N) in the compute dtype."""
+    if mat.dim() == 3:
+        mat = mat.unsqueeze(1)
+    return mat.to(dtype).permute(3, 0, 1, 2).contiguous()
+
+
+def _discretise(dt: Tensor, dtu: Tensor, A: Tensor, Bm: Tensor, dA: Tensor, H: Tensor) -> None:
+    """Fill dA = exp(dt A) and H = dt u B for one chunk, in preallocated buffers.
+
+    dt, dtu: (T, b, G, dg); A: (G, N, dg); Bm: (T, b, G, N). Buffers: (T, b, G, N, dg).
+    """
+    torch.mul(dt.unsqueeze(-2), A, out=dA)
+    dA.exp_()
+    torch.mul(dtu.unsqueeze(-2), Bm.unsqueeze(-1), out=H)
+
+
+def _recur(dA: Tensor, H: Tensor, h0: Tensor | None) -> None:
+    """In place: H[t] <- dA[t] * H[t-1] + H[t], with H[-1] = h0 (None: zero state)."""
+    if h0 is not None:
+        H[0].addcmul_(dA[0], h0)
+    for t in range(1, H.shape[0]):
+        H[t].addcmul_(dA[t], H[t - 1])
+
+
+class _Prepared:
+    """Inputs converted once to the scan's time-major compute layout."""
+
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
+        self.batch, self.dim, self.length = u.shape
+        self.d_state = A.shape[1]
+        self.cd = cd = _compute_dtype(u)
+        self.ut = _time_major(u, cd)
+        dt_pre = _time_major(delta, cd)
+        if delta_bias is not None:
+            dt_pre = dt_pre + delta_bias.to(cd)
+        self.dt_pre = dt_pre
+        self.dt = softplus(dt_pre) if delta_softplus else dt_pre
+        self.Bt, self.Ct = _bc_time_major(B, cd), _bc_time_major(C, cd)
+        self.groups = groups = self.Bt.shape[2]
+        if self.dim % groups:
+            raise ValueError(f"dim {self.dim} is not divisible by {groups} B/C groups")
+        self.dg = dg = self.dim // groups
+        self.A = A.to(cd).view(groups, dg, self.d_state).transpose(1, 2).contiguous()  # (G, N, dg)
+        shape4 = (self.length, self.batch, groups, dg)
+        self.dt4, self.ut4 = self.dt.view(shape4), self.ut.view(shape4)
+        self.dtu = self.dt4 * self.ut4
+        self.T = _chunk_len(self.batch, self.dim, self.d_state, self.length)
+
+    def buffer(self) -> Tensor:
+        return self.ut.new_empty((self.T, self.batch, self.groups, self.d_state, self.dg))
+
+    def chunks(self):
+        for s in range(0, self.length, self.T):
+            yield s, min(s + self.T, self.length)
+
+
+def _scan_forward(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Returns y_ssm (L, b, dim) without the D term, the last state (b, G, N, dg), chunk starts."""
+    dA_buf, H_buf = p.buffer(), p.buffer()
+    y = p.ut.new_empty((p.length, p.batch, p.groups, p.dg))
+    h, starts = None, []
+    for s, e in p.chunks():
+        n = e - s
+        dA, H = dA_buf[:n], H_buf[:n]
+        _discretise(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
+        if keep_starts:
+            starts.append(h)
+        _recur(dA, H, h)
+        torch.matmul(
+            p.Ct[s:e].reshape(-1, 1, p.d_state), H.view(-1, p.d_state, p.dg), out=y[s:e].view(-1, 1, p.dg)
+        )
+        h = H[n - 1].clone() if (keep_starts or e < p.length) else H[n - 1]
+    return y.view(p.length, p.batch, p.dim), h, starts
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
+        y, last, starts = _scan_forward(p, keep_starts=True)
+        if D is not None:
+            y.addcmul_(p.ut, D.to(p.cd))
+        out = y.permute(1, 2, 0)
+        gated = out * F.silu(z.to(p.cd)) if z is not None else out
+        ctx.delta_softplus = delta_softplus
+        ctx.prepared = p
+        ctx.starts = starts
+        ctx.bc_grouped = (B.dim() == 4, C.dim() == 4)
+        ctx.dtypes = (u.dtype, delta.dtype, B.dtype, C.dtype, A.dtype)
+        ctx.save_for_backward(D, z, delta_bias, out if z is not None else None)
+        result = gated.to(u.dtype)
+        if return_last_state:
+            last = last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
+            ctx.mark_non_differentiable(last)
+            return result, last
+        return result
+
+    @staticmethod
+    def backward(ctx, g_out, *unused):
+        D, z, delta_bias, out = ctx.saved_tensors
+        p: _Prepared = ctx.prepared
+        starts = ctx.starts
+        ctx.prepared = ctx.starts = None  # free the saved layout as soon as possible
+        cd, N, dg = p.cd, p.d_state, p.dg
+        g_out = g_out.to(cd)
+        g_z = None
+        if z is not None:
+            zf = z.to(cd)
+            sig = torch.sigmoid(zf)
+            if ctx.needs_input_grad[6]:
+                g_z = (g_out * out * sig * (1 + zf * (1 - sig))).to(z.dtype)
+            g_out = g_out * (zf * sig)
+        g_yt = _time_major(g_out, cd)  # (L, b, dim)
+        g_D = None
+        g_ut = torch.zeros_like(p.ut)
+        if D is not None:
+            g_D = (g_yt * p.ut).sum((0, 1)).to(D.dtype)
+            g_ut.addcmul_(g_yt, D.to(cd))
+        gy4 = g_yt.view(p.dt4.shape)
+
+        g_dt = torch.empty_like(p.dt4)
+        g_dtu = torch.empty_like(p.dt4)
+        g_A = torch.zeros_like(p.A)
+        g_Bt = torch.empty_like(p.Bt)
+        g_Ct = torch.empty_like(p.Ct)
+        dA_buf, H_buf, G_buf = p.buffer(), p.buffer(), p.buffer()
+        carry = None
+        spans = list(p.chunks())
+        for ci in range(len(spans) - 1, -1, -1):
+            s, e = spans[ci]
+            n = e - s
+            dA, H, G = dA_buf[:n], H_buf[:n], G_buf[:n]
+            h0 = starts[ci]
+            _discretise(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
+            _recur(dA, H, h0)
+            Hm = H.view(-1, N, dg)
+            # dL/dC_t = H_t @ gy_t
+            # (row vector @ transposed view: the fast BLAS case, unlike a matrix @ column vector)
+            torch.matmul(gy4[s:e].reshape(-1, 1, dg), Hm.transpose(1, 2), out=g_Ct[s:e].view(-1, 1, N))
+            # dL/dh_t from the output, then the reverse recurrence (in place in G)
+            torch.mul(p.Ct[s:e].unsqueeze(-1), gy4[s:e].unsqueeze(-2), out=G)
+            if carry is not None:
+                G[n - 1].add_(carry)
+            for t in range(n - 2, -1, -1):
+                G[t].addcmul_(dA[t + 1], G[t + 1])
+            carry = dA[0] * G[0]
+            Gm = G.view(-1, N, dg)
+            # dL/d(dt u)_t = B_t @ G_t ;  dL/dB_t = G_t @ (dt u)_t
+            torch.matmul(p.Bt[s:e].reshape(-1, 1, N), Gm, out=g_dtu[s:e].view(-1, 1, dg))
+            torch.matmul(p.dtu[s:e].reshape(-1, 1, dg), Gm.transpose(1, 2), out=g_Bt[s:e].view(-1, 1, N))
+            # W = dL/d(dt A) = G * h_{t-1} * dA, built in the dA buffer
+            dA.mul_(G)
+            if h0 is not None:
+                dA[0].mul_(h0)
+            else:
+                dA[0].zero_()
+            if n > 1:
+                dA[1:].mul_(H[: n - 1])
+            g_A.add_(torch.mul(dA, p.dt4[s:e].unsqueeze(-2)).sum((0, 1)))
+            torch.mul(dA, p.A, out=G)
+            torch.sum(G, -2, out=g_dt[s:e])
+        g_dt.addcmul_(g_dtu, p.ut4)
+        g_ut.view(p.dt4.shape).addcmul_(g_dtu, p.dt4)
+        if ctx.delta_softplus:
+            g_dt.mul_(torch.sigmoid(p.dt_pre.view(p.dt4.shape)))
+        g_dt = g_dt.view(p.length, p.batch, p.dim)
+        g_delta_bias = g_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+        u_dtype, delta_dtype, B_dtype, C_dtype, A_dtype = ctx.dtypes
+        b_grouped, c_grouped = ctx.bc_grouped
+        g_B = g_Bt.permute(1, 2, 3, 0)
+        g_C = g_Ct.permute(1, 2, 3, 0)
+        return (
+            g_ut.permute(1, 2, 0).to(u_dtype),
+            g_dt.permute(1, 2, 0).to(delta_dtype),
+            g_A.transpose(1, 2).reshape(p.dim, N).to(A_dtype),
+            (g_B if b_grouped else g_B.squeeze(1)).to(B_dtype),
+            (g_C if c_grouped else g_C.squeeze(1)).to(C_dtype),
+            g_D,
+            g_z,
+            g_delta_bias,
+            None,
+            None,
+        )
+
+
+def _selective_scan_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """No-autograd forward: no saved states, gate applied in place."""
+    p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
+    y, last, _ = _scan_forward(p, keep_starts=False)
+    if D is not None:
+        y.addcmul_(p.ut, D.to(p.cd))
+    out = y.permute(1, 2, 0)
+    if z is not None:
+        out = out.mul_(F.silu(z.to(p.cd)))
+    out = out.to(u.dtype)
+    if return_last_state:
+        return out, last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
+    return out
+
+
+def selective_scan_torch(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Chunked selective scan; same signature and result as mamba-ssm's ``selective_scan_fn``."""
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
+        return _SelectiveScanFn.apply(*args)
+    return _selective_scan_inference(*args)

@@ -1,0 +1,69 @@
+"""Stochastic layer-wise token shuffle (ShuffleMamba, arXiv:2408.17081).
+
+A regulariser for plain Vision Mamba: in training, block ``i`` of ``depth`` is run on
+a randomly permuted token sequence with probability ``p_max * i / (depth - 1)``; the
+order is restored right after the block, so position embeddings, the class-token
+readout and every other block see the original order. It owns no weights and
+does nothing at inference or with ``p_max == 0`` (not even an RNG draw), so a
+model trained with it evaluates exactly like one trained without.
+
+Randomness comes from torch's generators, so seeding torch (and checkpointing its
+RNG state) makes the shuffle reproducible and exactly resumable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerwiseShuffle(nn.Module):
+    """Decides, per block and per training step, whether and how to permute the tokens."""
+
+    def __init__(self, shuffle_rate: float, depth: int, per_sample: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= shuffle_rate <= 1.0:
+            raise ValueError(f"shuffle_rate must be in [0, 1], got {shuffle_rate}")
+        self.shuffle_rate = float(shuffle_rate)
+        self.depth = depth
+        self.per_sample = per_sample
+
+    def probability(self, layer_idx: int) -> float:
+        """p_i = p_max * i / (depth - 1): the first block never shuffles, the last uses p_max."""
+        if self.depth <= 1:
+            return 0.0
+        return self.shuffle_rate * layer_idx / (self.depth - 1)
+
+    @property
+    def active(self) -> bool:
+        return self.training and self.shuffle_rate > 0.0
+
+    def sample(self, layer_idx: int, hidden: Tensor) -> Tensor | None:
+        """One draw for block ``layer_idx``: a permutation of the tokens, or None (no shuffle).
+
+        Returns an index of shape (L,) shared by the batch, or (B, L) with ``per_sample``.
+        """
+        if not self.active:
+            return None
+        p = self.probability(layer_idx)
+        if p <= 0.0 or torch.rand(()).item() >= p:
+            return None
+        batch, length = hidden.shape[:2]
+        if self.per_sample:
+            return torch.rand(batch, length, device=hidden.device).argsort(dim=1)
+        return torch.randperm(length, device=hidden.device)
+
+    def extra_repr(self) -> str:
+        return f"shuffle_rate={self.shuffle_rate}, depth={self.depth}, per_sample={self.per_sample}"
+
+
+def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
+    """Gather tokens (dim 1) of x (B, L, D) in the order ``perm`` ((L,) or (B, L))."""
+    if perm.dim() == 1:
+        return x.index_select(1, perm)
+    return torch.gather(x, 1, perm.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def restore_tokens(x: Tensor, perm: Tensor) -> Tensor:
+    """Exact inverse of :func:`permute_tokens` (scatter back = gather with argsort(perm))."""
+    return permute_tokens(x, perm.argsort(dim=-1))
