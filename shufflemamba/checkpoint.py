@@ -41,9 +41,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"refusing to unpickle it. torch said: {str(exc).splitlines()[0]}"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict or a state dict")
     return dict(obj)

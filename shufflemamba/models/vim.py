@@ -59,9 +59,7 @@ class BiMambaMixer(nn.Module):
 
         self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
         for suffix in ("", "_b"):
-            setattr(
-                self, f"conv1d{suffix}", nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
-            )
+            setattr(self, f"conv1d{suffix}", nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1))
             setattr(self, f"x_proj{suffix}", nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False))
             setattr(self, f"dt_proj{suffix}", nn.Linear(self.dt_rank, inner, bias=True))
         # A_log / A_b_log and D / D_b: the official names (note "A_b_log", not "A_log_b").
@@ -73,17 +71,15 @@ class BiMambaMixer(nn.Module):
         self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
-    def reset_ssm_parameters(
-        self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4
-    ) -> None:
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4) -> None:
         """Mamba init, applied to both directions (the official code leaves dt_proj_b at
         PyTorch's default and then zeroes its bias; we give both directions the same start)."""
         std = self.dt_rank**-0.5
         for dt_proj in (self.dt_proj, self.dt_proj_b):
             nn.init.uniform_(dt_proj.weight, -std, std)
-            dt = torch.exp(
-                torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-            ).clamp(min=dt_init_floor)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
+                min=dt_init_floor
+            )
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         a_log = torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1)
         self.A_log.copy_(a_log)
@@ -111,9 +107,7 @@ class BiMambaMixer(nn.Module):
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.matmul(dt_proj.weight, dt)  # (B, E, L)
         A = -torch.exp(A_log.float())
-        return selective_scan(
-            u, delta, A, B, C, D.float(), z, dt_proj.bias.float(), True, backend=self.scan_backend
-        )
+        return selective_scan(u, delta, A, B, C, D.float(), z, dt_proj.bias.float(), True, backend=self.scan_backend)
 
     def _both_directions_fused(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """Both directions in one conv and one scan call: sequences stacked along channels,
@@ -240,7 +234,12 @@ class VisionMamba(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size
+            img_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            strict_img_size=not dynamic_img_size,
+            output_fmt="NHWC" if dynamic_img_size else None,  # keep the grid to resize pos_embed
         )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -456,9 +455,7 @@ def _register(variant: str) -> None:
         return _create(variant, pretrained, **kwargs)
 
     factory.__name__ = factory.__qualname__ = variant
-    factory.__doc__ = (
-        f"{variant}: embed_dim, depth, norm, cls position, shuffle, drop path = {MODEL_SIZES[variant]}"
-    )
+    factory.__doc__ = f"{variant}: embed_dim, depth, norm, cls position, shuffle, drop path = {MODEL_SIZES[variant]}"
     factory.__module__ = __name__
     globals()[variant] = register_model(factory)
 

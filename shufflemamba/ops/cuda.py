@@ -50,14 +50,11 @@ def cuda_kernels_available() -> bool:
 def require_cuda_kernels(*tensors: Tensor) -> tuple[Callable, Callable]:
     """Return (selective_scan_fn, causal_conv1d_fn) or raise a message naming what is missing."""
     if not torch.cuda.is_available():
-        raise CudaKernelsUnavailable(
-            f"scan backend 'cuda' needs a CUDA GPU, but torch sees none; {INSTALL_HINT}"
-        )
+        raise CudaKernelsUnavailable(f"scan backend 'cuda' needs a CUDA GPU, but torch sees none; {INSTALL_HINT}")
     off_gpu = [tuple(t.shape) for t in tensors if t is not None and not t.is_cuda]
     if off_gpu:
         raise CudaKernelsUnavailable(
-            f"scan backend 'cuda' got CPU tensors of shapes {off_gpu}; move the model to the GPU or use "
-            "backend 'torch'"
+            f"scan backend 'cuda' got CPU tensors of shapes {off_gpu}; move the model to the GPU or use backend 'torch'"
         )
     scan, conv, problem = _load()
     if problem:

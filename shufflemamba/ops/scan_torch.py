@@ -122,9 +122,7 @@ def _scan_forward(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list
         if keep_starts:
             starts.append(h)
         _recur(dA, H, h)
-        torch.matmul(
-            p.Ct[s:e].reshape(-1, 1, p.d_state), H.view(-1, p.d_state, p.dg), out=y[s:e].view(-1, 1, p.dg)
-        )
+        torch.matmul(p.Ct[s:e].reshape(-1, 1, p.d_state), H.view(-1, p.d_state, p.dg), out=y[s:e].view(-1, 1, p.dg))
         h = H[n - 1].clone() if (keep_starts or e < p.length) else H[n - 1]
     return y.view(p.length, p.batch, p.dim), h, starts
 
@@ -156,7 +154,6 @@ class _SelectiveScanFn(torch.autograd.Function):
         D, z, delta_bias, out = ctx.saved_tensors
         p: _Prepared = ctx.prepared
         starts = ctx.starts
-        ctx.prepared = ctx.starts = None  # free the saved layout as soon as possible
         cd, N, dg = p.cd, p.d_state, p.dg
         g_out = g_out.to(cd)
         g_z = None

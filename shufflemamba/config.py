@@ -1,0 +1,45 @@
+"""Config helpers shared by train.py and eval.py: Hydra resolvers and the user-error type."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class UserError(Exception):
+    """Bad input from the user (config, paths, data): printed as one line, no traceback."""
+
+
+def run_stamp() -> str:
+    """A run-directory name that every rank and every torchrun restart agrees on.
+
+    Explicit ``SHUFFLEMAMBA_RUN_STAMP`` wins; under torchrun the rendezvous run id is shared by
+    all ranks and kept across ``--max-restarts`` restarts (so ``trainer.resume=auto`` finds
+    last.pt); otherwise the local time. For real runs, set ``hydra.run.dir`` yourself.
+    """
+    if os.environ.get("SHUFFLEMAMBA_RUN_STAMP"):
+        return os.environ["SHUFFLEMAMBA_RUN_STAMP"]
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """The fully resolved config as plain containers (checkpoints, wandb, config.yaml)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def model_kwargs(model_cfg: DictConfig | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """model config -> (timm name, create_model kwargs without the nulls)."""
+    items = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
+    name = items.pop("name")
+    return name, {k: v for k, v in items.items() if v is not None}

@@ -1,0 +1,95 @@
+"""DataLoaders and the batch work done on the device (normalise, erase, mix)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .samplers import ResumableTrainSampler, ShardedEvalSampler
+
+log = logging.getLogger(__name__)
+
+
+def collate_uint8(batch: list[tuple[Any, Any]]) -> tuple[Tensor, Tensor, list[str]]:
+    """Stack uint8 CHW arrays; drop items the dataset could not decode, returning their names."""
+    good = [(img, label) for img, label in batch if img is not None]
+    failed = [name for img, name in batch if img is None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failed
+    images = torch.from_numpy(np.stack([np.asarray(img, dtype=np.uint8) for img, _ in good]))
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return images, labels, failed
+
+
+def _loader(dataset: Dataset, sampler, batch_size: int, data_cfg: Any, drop_last: bool, seed: int) -> DataLoader:
+    workers = int(data_cfg.num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_uint8,
+        pin_memory=bool(data_cfg.pin_memory) and torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        # A private generator: creating an iterator never consumes the global torch RNG,
+        # so a resumed run's RNG stream matches an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def build_train_loader(dataset: Dataset, data_cfg: Any, aug_cfg: Any, rank: int, world: int, seed: int):
+    sampler = ResumableTrainSampler(
+        len(dataset), int(data_cfg.batch_size), rank, world, repeats=int(aug_cfg.repeated_aug), seed=seed
+    )
+    return _loader(dataset, sampler, int(data_cfg.batch_size), data_cfg, drop_last=True, seed=seed), sampler
+
+
+def build_eval_loader(dataset: Dataset, data_cfg: Any, rank: int, world: int, batch_size: int | None = None):
+    sampler = ShardedEvalSampler(len(dataset), rank, world)
+    return _loader(dataset, sampler, int(batch_size or data_cfg.batch_size), data_cfg, drop_last=False, seed=0)
+
+
+class DeviceBatchTransform:
+    """uint8 batch -> normalised float batch on the device; for training also random erasing
+    and mixup/cutmix (label smoothing folded into the soft targets), all with timm's ops."""
+
+    def __init__(self, data_cfg: Any, aug_cfg: Any | None, device: torch.device, num_classes: int) -> None:
+        self.device = device
+        self.mean = torch.tensor(data_cfg.mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(data_cfg.std, device=device).view(1, -1, 1, 1) * 255
+        self.erasing = self.mixup = None
+        if aug_cfg is not None and aug_cfg.reprob > 0:
+            self.erasing = RandomErasing(
+                aug_cfg.reprob, mode=aug_cfg.remode, max_count=aug_cfg.recount, device=str(device)
+            )
+        if aug_cfg is not None and (aug_cfg.mixup > 0 or aug_cfg.cutmix > 0 or aug_cfg.cutmix_minmax is not None):
+            self.mixup = Mixup(
+                mixup_alpha=aug_cfg.mixup,
+                cutmix_alpha=aug_cfg.cutmix,
+                cutmix_minmax=aug_cfg.cutmix_minmax,
+                prob=aug_cfg.mixup_prob,
+                switch_prob=aug_cfg.mixup_switch_prob,
+                mode=aug_cfg.mixup_mode,
+                label_smoothing=aug_cfg.smoothing,
+                num_classes=num_classes,
+            )
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.erasing is not None:
+            images = self.erasing(images)
+        if self.mixup is not None:
+            if images.shape[0] % 2:  # timm's mixup needs an even batch (odd only after skipped images)
+                images, labels = images[:-1], labels[:-1]
+            images, labels = self.mixup(images, labels)
+        return images, labels

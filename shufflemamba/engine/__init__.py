@@ -1,0 +1,1 @@
+"""Training and evaluation engine: distributed setup, the loop, resumable state, tracking."""

@@ -1,0 +1,119 @@
+"""The torch scan path against the sequential reference; backend dispatch."""
+
+import pytest
+import torch
+
+from shufflemamba import ops
+from shufflemamba.ops.reference import causal_conv1d_reference, selective_scan_reference
+from shufflemamba.ops.scan_torch import selective_scan_torch, softplus
+
+
+def make_inputs(b, d, L, N, groups=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape_bc = (b, N, L) if groups is None else (b, groups, N, L)
+    t = lambda *s, scale=1.0, shift=0.0: torch.randn(*s, generator=g, dtype=dtype) * scale + shift
+    inputs = dict(
+        u=t(b, d, L),
+        delta=t(b, d, L, scale=0.5),
+        A=-(torch.rand(d, N, generator=g, dtype=dtype) * 4 + 0.2),
+        B=t(*shape_bc),
+        C=t(*shape_bc),
+        D=t(d),
+        z=t(b, d, L),
+        delta_bias=t(d, scale=0.5, shift=-1.0),
+    )
+    return {k: v.requires_grad_() for k, v in inputs.items()}
+
+
+SHAPES = [  # (batch, dim, length, d_state, groups)
+    (2, 8, 7, 4, None),
+    (2, 16, 33, 16, None),  # d_state 16, odd length
+    (3, 12, 197, 16, 2),  # Vim-like length, grouped B/C (the fused bidirectional layout)
+    (1, 6, 1, 3, None),  # a single step
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_torch_scan_matches_reference_forward_and_gradients(shape, monkeypatch):
+    monkeypatch.setattr("shufflemamba.ops.scan_torch._CHUNK_ELEMENTS", 700)  # several chunks
+    inputs = make_inputs(*shape)
+    names = list(inputs)
+    y_ref = selective_scan_reference(**inputs, delta_softplus=True)
+    grad_out = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad(y_ref, list(inputs.values()), grad_out)
+    y = selective_scan_torch(**inputs, delta_softplus=True)
+    g = torch.autograd.grad(y, list(inputs.values()), grad_out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(names, g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
+
+
+def test_torch_scan_float64_exact_and_optional_args():
+    inputs = make_inputs(2, 8, 19, 5, dtype=torch.float64)
+    for drop in ([], ["D", "z", "delta_bias"]):
+        kw = {k: v for k, v in inputs.items() if k not in drop}
+        for softplus_flag in (True, False):
+            y_ref = selective_scan_reference(**kw, delta_softplus=softplus_flag)
+            y = selective_scan_torch(**kw, delta_softplus=softplus_flag)
+            torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_scan_gradcheck():
+    inputs = make_inputs(1, 3, 5, 2, dtype=torch.float64, seed=3)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    assert torch.autograd.gradcheck(lambda *a: selective_scan_torch(*a, delta_softplus=True), args)
+
+
+def test_last_state_and_inference_path_agree_with_reference():
+    inputs = {k: v.detach() for k, v in make_inputs(2, 8, 23, 16).items()}
+    y_ref, h_ref = selective_scan_reference(**inputs, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        y, h = selective_scan_torch(**inputs, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_accumulate_in_fp32_and_return_bf16():
+    inputs = {k: v.detach() for k, v in make_inputs(2, 8, 40, 16).items()}
+    low = {k: v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+    y = selective_scan_torch(**low, delta_softplus=True)
+    y_ref = selective_scan_reference(**{k: v.float() for k, v in low.items()}, delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_fast_softplus_matches_float64():
+    x = torch.linspace(-80, 80, 100_001)
+    ref = torch.nn.functional.softplus(x.double())
+    assert ((softplus(x).double() - ref).abs() / ref.clamp_min(1e-30)).max() < 1e-6
+
+
+def test_causal_conv_is_causal_and_matches_manual():
+    x = torch.randn(2, 5, 9)
+    w = torch.randn(5, 4)
+    bias = torch.randn(5)
+    out = causal_conv1d_reference(x, w, bias, "silu")
+    padded = torch.nn.functional.pad(x, (3, 0))
+    manual = sum(padded[..., k : k + 9] * w[:, k, None] for k in range(4)) + bias[:, None]
+    torch.testing.assert_close(out, torch.nn.functional.silu(manual))
+    x2 = x.clone()
+    x2[..., 5:] = 0  # the future never changes the past
+    torch.testing.assert_close(
+        causal_conv1d_reference(x2, w, bias)[..., :5], causal_conv1d_reference(x, w, bias)[..., :5]
+    )
+
+
+def test_backend_dispatch_and_clear_errors(monkeypatch):
+    x = torch.zeros(1, 2, 3)
+    assert ops.resolve_backend("auto", x) == "torch"
+    assert ops.resolve_backend("reference", x) == "reference"
+    with ops.use_backend("reference"):
+        assert ops.resolve_backend("torch", x) == "reference"
+    monkeypatch.setenv("SHUFFLEMAMBA_SCAN_BACKEND", "reference")
+    assert ops.resolve_backend("torch", x) == "reference"
+    monkeypatch.delenv("SHUFFLEMAMBA_SCAN_BACKEND")
+    with pytest.raises(ValueError, match="unknown scan backend 'tpu'"):
+        ops.resolve_backend("tpu", x)
+    if not torch.cuda.is_available():
+        with pytest.raises(ops.CudaKernelsUnavailable, match="needs a CUDA GPU"):
+            ops.resolve_backend("cuda", x)
