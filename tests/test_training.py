@@ -1,0 +1,328 @@
+"""End-to-end training and evaluation through train.py / eval.py, as users run them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, read_metrics, run_script, subprocess_env
+from hydra import compose, initialize_config_dir
+
+from shufflemamba.config import register_resolvers
+
+register_resolvers()
+
+EXPERIMENTS = ["demo", "vim_tiny_in1k", "vim_small_in1k", "shufflemamba_base_in1k"]
+
+
+def compose_cfg(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_preset_composes_for_training_and_eval(experiment):
+    cfg = compose_cfg("train", [f"experiment={experiment}", "data.root=/data/imagenet"])
+    assert cfg.model.num_classes == cfg.data.num_classes
+    ev = compose_cfg("eval", [f"experiment={experiment}", "checkpoint=x.pt", "data.root=/data/imagenet"])
+    assert ev.model.name == cfg.model.name
+    if experiment == "shufflemamba_base_in1k":
+        assert (cfg.model.shuffle_rate, cfg.model.drop_path_rate, cfg.trainer.precision) == (0.5, 0.5, "bf16")
+        assert (cfg.trainer.clip_grad, list(cfg.optim.betas), cfg.sched.warmup_epochs) == (3.0, [0.9, 0.95], 30)
+        assert cfg.data.batch_size == 256 and cfg.trainer.ema.decay == 0.9999
+    if experiment == "vim_small_in1k":
+        assert (cfg.data.batch_size, cfg.optim.base_lr, cfg.model.drop_path_rate) == (64, 1e-3, 0.05)
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
+def test_every_model_config_composes(model):
+    cfg = compose_cfg("train", [f"model={model}", "data=fake"])
+    assert cfg.model.name == model
+
+
+def test_train_then_eval_reproduces_the_recorded_top1(tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("train.py", *TINY, f"hydra.run.dir={run_dir}")
+    rows = read_metrics(run_dir)
+    assert all(r["world_size"] == 1 for r in rows)
+    val = [r for r in rows if r["split"] == "val"]
+    assert {r["epoch"] for r in val} == {0, 1} and all(r["num_images"] == 360 for r in val)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)  # plain containers only
+    assert {"model", "model_ema", "optimizer", "epoch", "lr_scheduler", "scaler", "rng", "config"} <= set(best)
+    recorded = max(r["top1"] for r in val if r["weights"] == best["best_weights"])
+    assert recorded == pytest.approx(best["best_top1"], abs=0)
+    out = tmp_path / "r.json"
+    run_script(
+        "eval.py",
+        *TINY,
+        f"checkpoint={run_dir}/checkpoints/best.pt",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    result = json.loads(out.read_text())
+    assert result["top1"] == recorded and result["num_images"] == 360
+    assert {"top1", "top5", "loss", "num_images", "images_per_sec"} <= set(result)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, weights_only=True)
+    return {
+        **{f"model.{k}": v for k, v in ckpt["model"].items()},
+        **{f"ema.{k}": v for k, v in ckpt["model_ema"].items()},
+    }
+
+
+def _assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+RESUME = [
+    *TINY,
+    "trainer.deterministic=true",
+    "trainer.checkpoint_every_steps=2",
+    "trainer.epochs=3",
+    "aug=deit",
+    "aug.repeated_aug=2",
+    "model.drop_path_rate=0.1",
+    "model.shuffle_rate=0.5",
+    "data.num_workers=1",
+]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_and_resume_is_bitwise_exact(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    run_script("train.py", *RESUME, f"hydra.run.dir={ref_dir}")
+    last = run_dir / "checkpoints" / "last.pt"
+    for kill_after in (1, 4):  # mid-epoch, then again later, resuming a resumed run
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *RESUME, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        seen, deadline = 0, time.time() + 120
+        stamp = last.stat().st_mtime_ns if last.exists() else 0
+        while seen < kill_after and time.time() < deadline and proc.poll() is None:
+            if last.exists() and last.stat().st_mtime_ns != stamp:
+                stamp, seen = last.stat().st_mtime_ns, seen + 1
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert seen == kill_after, "the run ended before it could be killed"
+    run_script("train.py", *RESUME, f"hydra.run.dir={run_dir}")  # trainer.resume=auto by default
+    _assert_bitwise_equal(_weights(ref_dir / "checkpoints" / "last.pt"), _weights(last))
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *TINY,
+            "trainer.epochs=50",
+            "trainer.log_every_steps=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"split": "train"' in metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["global_step"] >= 1 and "stop requested" in err
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    common = [
+        *TINY,
+        "model.shuffle_rate=0.0",
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=4",
+        "trainer.ema.enabled=false",
+        "trainer.best_by=raw",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train.py", *common, "data.batch_size=32", f"hydra.run.dir={one}")
+    run_script("train.py", *common, "data.batch_size=16", f"hydra.run.dir={two}", torchrun=2)
+    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    rows = read_metrics(two)
+    assert rows and all(r["world_size"] == 2 for r in rows)  # one run dir, rank 0 writes
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert val["num_images"] == 360  # every val image counted once across ranks
+    one_val = [r for r in read_metrics(one) if r["split"] == "val"][-1]
+    assert val["top1"] == one_val["top1"]
+    out = tmp_path / "r.json"
+    run_script(
+        "eval.py",
+        *TINY,
+        f"checkpoint={two}/checkpoints/last.pt",
+        "eval.ema=false",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        torchrun=2,
+    )
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 360 and result["top1"] == val["top1"] and result["world_size"] == 2
+
+
+def test_wandb_offline_writes_a_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("train.py", *TINY, "trainer.epochs=1", "logger=wandb", "logger.mode=offline", f"hydra.run.dir={run_dir}")
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["wandb_run_id"] and ckpt["wandb_run_id"] in runs[0].name
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def test_bad_inputs_get_one_line_errors(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    cases = [
+        (["data=imagenet"], "data.root is not set"),
+        (["data=imagenet", f"data.root={tmp_path / 'nope'}"], f"dataset root not found: {tmp_path / 'nope'}"),
+        (["data=imagenet", f"data.root={empty}"], f"no images found under {empty / 'train'}"),
+        (["trainer.resume=/no/such.pt"], "trainer.resume: checkpoint not found: /no/such.pt"),
+        (["trainer.precision=fp8"], "trainer.precision must be"),
+    ]
+    for extra, message in cases:
+        line = _error_line(run_script("train.py", *TINY, *extra, f"hydra.run.dir={tmp_path / 'r'}", check=False))
+        assert message in line, (extra, line)
+    line = _error_line(run_script("eval.py", *TINY, f"hydra.run.dir={tmp_path / 'e'}", check=False))
+    assert "checkpoint is not set" in line
+    line = _error_line(
+        run_script("eval.py", *TINY, "checkpoint=/no/such.pt", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    )
+    assert "checkpoint not found: /no/such.pt" in line
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"model": {"head.weight": torch.zeros(3, 3)}}, wrong)
+    proc = run_script("eval.py", *TINY, f"checkpoint={wrong}", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    assert proc.returncode == 2 and "missing (" in proc.stderr and "mis-shaped (1): head.weight" in proc.stderr
+
+
+def test_repeated_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_script(
+        "train.py",
+        *TINY,
+        "trainer.epochs=3",
+        "optim.base_lr=1e12",
+        "trainer.max_nonfinite_steps=2",
+        "trainer.checkpoint_every_steps=1",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    line = _error_line(proc)
+    assert "2 consecutive non-finite losses" in line and "last.pt" in line
+    assert "non-finite loss at update" in proc.stderr
+    skipped = [r for r in read_metrics(run_dir) if r.get("nonfinite_steps")]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)  # still loads
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # no update with a NaN was saved
+    assert ckpt["nonfinite_steps"] == 0 and 1 <= ckpt["global_step"] < 15
+    assert skipped or "non-finite loss at update" in proc.stderr
+
+
+def test_eval_on_an_image_folder_with_known_labels(tmp_path):
+    """Accuracy from eval.py equals the one computed image by image; odd images are handled."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from shufflemamba.data.transforms import build_eval_transform
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    files = []
+    for split in ("train", "val"):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(6):
+                arr = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+                img = Image.fromarray(arr)
+                if i == 0:
+                    img = img.convert("L")  # grayscale
+                elif i == 1:
+                    img = img.convert("CMYK")
+                elif i == 2:
+                    img = img.convert("RGBA")
+                path = d / (f"{i}.jpg" if img.mode in ("L", "CMYK") else f"{i}.png")
+                img.save(path)
+                if split == "val":
+                    files.append((path, c))
+    (root / "val" / "class0" / "broken.jpg").write_bytes(b"not an image")
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vim_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=3
+    ).eval()
+    ckpt = tmp_path / "w.pt"
+    torch.save({"model": model.state_dict()}, ckpt)
+    overrides = [
+        "model=vim_tiny_patch16_224",
+        "data=imagenet",
+        f"data.root={root}",
+        "data.num_classes=3",
+        "data.img_size=32",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "model.patch_size=8",
+        "model.embed_dim=32",
+        "model.depth=2",
+        "trainer.device=cpu",
+    ]
+    out = tmp_path / "r.json"
+    proc = run_script(
+        "eval.py",
+        *overrides,
+        f"checkpoint={ckpt}",
+        f"output={out}",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        "+data.index_cache_dir=" + str(tmp_path / "cache"),
+    )
+    result = json.loads(out.read_text())
+    assert "broken.jpg" in proc.stderr  # the warning names the file
+
+    cfg = compose_cfg("eval", [*overrides, "checkpoint=x", f"data.root={root}"])
+    transform = build_eval_transform(cfg.data)
+    mean = torch.tensor(cfg.data.mean).view(3, 1, 1) * 255
+    std = torch.tensor(cfg.data.std).view(3, 1, 1) * 255
+    correct = 0
+    with torch.no_grad():
+        for path, label in files:
+            x = (torch.from_numpy(np.asarray(transform(Image.open(path).convert("RGB")))).float() - mean) / std
+            correct += int(model(x[None]).argmax(1).item() == label)
+    assert result["num_images"] == len(files) == 18
+    assert result["top1"] == pytest.approx(100.0 * correct / len(files), abs=1e-9)
