@@ -18,12 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def collate_uint8(batch: list[tuple[Any, Any]]) -> tuple[Tensor, Tensor, list[str]]:
-    """Stack uint8 CHW arrays; drop items the dataset could not decode, returning their names."""
+    """Stack uint8 CHW images; drop items the dataset could not decode, returning their names."""
     good = [(img, label) for img, label in batch if img is not None]
     failed = [name for img, name in batch if img is None]
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), failed
-    images = torch.from_numpy(np.stack([np.asarray(img, dtype=np.uint8) for img, _ in good]))
+    images = torch.stack([torch.as_tensor(np.asarray(img, dtype=np.uint8)) for img, _ in good])
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
     return images, labels, failed
 

@@ -1,4 +1,4 @@
-"""Image transforms: timm's DeiT recipe and eval pipeline, returning uint8 CHW arrays.
+"""Image transforms: timm's DeiT recipe and eval pipeline, returning uint8 CHW tensors.
 
 Normalisation, random erasing and mixup happen later, on the device, on whole batches
 (:mod:`shufflemamba.data.device_ops`): workers ship 4x fewer bytes and spend ~30% less CPU.
@@ -38,7 +38,7 @@ install_posterize_fix()
 
 
 def build_train_transform(data_cfg: Any, aug_cfg: Any):
-    """RandomResizedCrop + flip + RandAugment (per aug config) -> uint8 CHW numpy array."""
+    """RandomResizedCrop + flip + RandAugment (per aug config) -> uint8 CHW tensor."""
     return create_transform(
         input_size=data_cfg.img_size,
         is_training=True,
@@ -54,7 +54,7 @@ def build_train_transform(data_cfg: Any, aug_cfg: Any):
 
 
 def build_eval_transform(data_cfg: Any, crop_pct: float | None = None):
-    """Resize to img_size / crop_pct, centre crop img_size -> uint8 CHW numpy array."""
+    """Resize to img_size / crop_pct, centre crop img_size -> uint8 CHW tensor."""
     return create_transform(
         input_size=data_cfg.img_size,
         is_training=False,
