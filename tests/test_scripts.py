@@ -1,0 +1,33 @@
+"""The scripts users run: CPU smoke runs of the benchmarks, the metrics plot, a Hydra sweep."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import TINY, run_script
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    proc = run_script("scripts/benchmark.py", "--device", "cpu", "--tiny", "--resolutions", "32", "--batch", "2",
+                      "--steps", "1", "--warmup", "1", "--models", "vim_tiny_patch16_224,deit_tiny_patch16_224",
+                      "--out-dir", str(tmp_path))
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {r["variant"] for r in rows} == {"vim_tiny_patch16_224/torch", "deit_tiny_patch16_224"}
+    assert all(r["img_s"] > 0 for r in rows)
+    assert (tmp_path / "benchmark.csv").is_file() and "| variant |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_plot_metrics_draws_a_png(tmp_path):
+    rows = [{"split": "train", "epoch": 0, "step": s, "loss": 2.0 / s, "lr": 1e-3, "world_size": 1} for s in (1, 2)]
+    rows += [{"split": "val", "epoch": e, "top1": 50.0 + e, "weights": "raw", "world_size": 1} for e in (0, 1)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run_script("scripts/plot_metrics.py", str(tmp_path))
+    png = tmp_path / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hydra_sweep_runs_each_job_in_its_own_dir(tmp_path):
+    run_script("train.py", "-m", *TINY, "trainer.epochs=1", "trainer.max_steps_per_epoch=2",
+               "model.shuffle_rate=0.0,0.5", f"hydra.sweep.dir={tmp_path}")
+    for job in ("0", "1"):
+        assert (tmp_path / job / "checkpoints" / "last.pt").is_file()
