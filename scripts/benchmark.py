@@ -95,7 +95,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default=",".join(OURS + DEIT))
     p.add_argument("--resolutions", default="224,512,1024")
-    p.add_argument("--batch", type=int, default=64, help="images per step at 224 (scaled down by (224/res)^2 above 224)")
+    p.add_argument(
+        "--batch", type=int, default=64, help="images per step at 224 (scaled down by (224/res)^2 above 224)"
+    )
     p.add_argument("--modes", default="train,inference")
     p.add_argument("--compile", default="off", help="off | on | both")
     p.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast")
@@ -114,13 +116,30 @@ def main() -> None:
             batch = max(1, round(args.batch * min(1.0, (224 / res) ** 2)))
             for mode in args.modes.split(","):
                 for compiled in compile_opts:
-                    row = {"variant": label, "resolution": res, "batch": batch, "mode": mode, "compile": compiled,
-                           "amp": "fp32" if args.no_amp else "bf16"}
+                    row = {
+                        "variant": label,
+                        "resolution": res,
+                        "batch": batch,
+                        "mode": mode,
+                        "compile": compiled,
+                        "amp": "fp32" if args.no_amp else "bf16",
+                    }
                     try:
                         with use_backend(backend or "auto"):
                             model = build(name, res, fused, args.tiny, args.device)
-                            row.update(measure(model, batch, res, args.device, mode == "train", args.steps,
-                                               args.warmup, not args.no_amp, compiled))
+                            row.update(
+                                measure(
+                                    model,
+                                    batch,
+                                    res,
+                                    args.device,
+                                    mode == "train",
+                                    args.steps,
+                                    args.warmup,
+                                    not args.no_amp,
+                                    compiled,
+                                )
+                            )
                     except torch.OutOfMemoryError:
                         row.update(img_s=None, ms_per_step=None, peak_gib="OOM")
                     finally:
@@ -131,8 +150,9 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
 
     if args.profile:
-        label, name, backend, fused = next(v for v in variants(args.models.split(","), args.device)
-                                           if v[0] == args.profile)
+        label, name, backend, fused = next(
+            v for v in variants(args.models.split(","), args.device) if v[0] == args.profile
+        )
         res = resolutions[0]
         with use_backend(backend or "auto"):
             model = build(name, res, fused, args.tiny, args.device)
@@ -145,16 +165,21 @@ def main() -> None:
         key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
 
-    header = (f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else platform.processor() or platform.machine()}, "
-              f"torch {torch.__version__}, CUDA {torch.version.cuda}, timm {timm.__version__}")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    header = f"device: {device_name}, torch {torch.__version__}, CUDA {torch.version.cuda}, timm {timm.__version__}"
     print(header)
-    table = ["| variant | res | batch | mode | compile | img/s | ms/step | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| variant | res | batch | mode | compile | img/s | ms/step | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         img_s = f"{r['img_s']:.1f}" if r["img_s"] else "-"
         ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] else "-"
         peak = r["peak_gib"] if isinstance(r["peak_gib"], str) or r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        table.append(f"| {r['variant']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['compile']} | "
-                     f"{img_s} | {ms} | {peak} |")
+        table.append(
+            f"| {r['variant']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['compile']} | "
+            f"{img_s} | {ms} | {peak} |"
+        )
     print("\n".join(table))
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)

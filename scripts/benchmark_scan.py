@@ -72,7 +72,9 @@ def bench_scan(batch: int, repeats: int) -> dict:
     _fwd_bwd(selective_scan_torch, inputs)
     ours_runs = [_fwd_bwd(selective_scan_torch, inputs) for _ in range(repeats)]
     _, y, g = ours_runs[-1]
-    max_err = max([(y - y_ref).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(g, g_ref)])
+    max_err = max(
+        [(y - y_ref).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(g, g_ref, strict=True)]
+    )
     t_classic, t_ours = statistics.median(classic), statistics.median(r[0] for r in ours_runs)
     return {
         "shape_BLEN": [batch, 197, 384, 16],

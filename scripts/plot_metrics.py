@@ -1,6 +1,6 @@
 """Draw training loss, val top-1 and lr curves of a run to a PNG, for people without wandb.
 
-    python scripts/plot_metrics.py RUN_DIR [--out RUN_DIR/metrics.png]
+python scripts/plot_metrics.py RUN_DIR [--out RUN_DIR/metrics.png]
 """
 
 from __future__ import annotations

@@ -36,8 +36,16 @@ def test_scan_cuda_matches_torch_fp32(groups):
 
 def _model(fused, **kw):
     torch.manual_seed(0)
-    return timm.create_model("shufflemamba_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=64, depth=3,
-                             num_classes=10, fused_directions=fused, **kw).cuda()
+    return timm.create_model(
+        "shufflemamba_tiny_patch16_224",
+        img_size=64,
+        patch_size=8,
+        embed_dim=64,
+        depth=3,
+        num_classes=10,
+        fused_directions=fused,
+        **kw,
+    ).cuda()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
@@ -79,7 +87,8 @@ def test_ddp_world_size_one_under_torchrun_on_gpu(tmp_path):
     from conftest import TINY, read_metrics, run_script
 
     run_dir = tmp_path / "run"
-    run_script("train.py", *TINY, "trainer.device=cuda", "trainer.precision=bf16", f"hydra.run.dir={run_dir}",
-               torchrun=1)
+    run_script(
+        "train.py", *TINY, "trainer.device=cuda", "trainer.precision=bf16", f"hydra.run.dir={run_dir}", torchrun=1
+    )
     rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

@@ -8,9 +8,24 @@ from conftest import TINY, run_script
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
-    proc = run_script("scripts/benchmark.py", "--device", "cpu", "--tiny", "--resolutions", "32", "--batch", "2",
-                      "--steps", "1", "--warmup", "1", "--models", "vim_tiny_patch16_224,deit_tiny_patch16_224",
-                      "--out-dir", str(tmp_path))
+    proc = run_script(
+        "scripts/benchmark.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--resolutions",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--models",
+        "vim_tiny_patch16_224,deit_tiny_patch16_224",
+        "--out-dir",
+        str(tmp_path),
+    )
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {r["variant"] for r in rows} == {"vim_tiny_patch16_224/torch", "deit_tiny_patch16_224"}
     assert all(r["img_s"] > 0 for r in rows)
@@ -27,7 +42,14 @@ def test_plot_metrics_draws_a_png(tmp_path):
 
 
 def test_hydra_sweep_runs_each_job_in_its_own_dir(tmp_path):
-    run_script("train.py", "-m", *TINY, "trainer.epochs=1", "trainer.max_steps_per_epoch=2",
-               "model.shuffle_rate=0.0,0.5", f"hydra.sweep.dir={tmp_path}")
+    run_script(
+        "train.py",
+        "-m",
+        *TINY,
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=2",
+        "model.shuffle_rate=0.0,0.5",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     for job in ("0", "1"):
         assert (tmp_path / job / "checkpoints" / "last.pt").is_file()

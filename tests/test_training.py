@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -326,3 +327,47 @@ def test_eval_on_an_image_folder_with_known_labels(tmp_path):
             correct += int(model(x[None]).argmax(1).item() == label)
     assert result["num_images"] == len(files) == 18
     assert result["top1"] == pytest.approx(100.0 * correct / len(files), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_dead_rank_and_the_run_resumes_bitwise(tmp_path):
+    """A rank killed mid-run makes torchrun (--max-restarts) restart the group; trainer.resume=auto
+    picks up last.pt in the same run dir, and the result equals an uninterrupted run."""
+    common = [*RESUME, "data.batch_size=16", "data.num_workers=0", "trainer.epochs=2"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "restarted"
+    run_script("train.py", *common, f"hydra.run.dir={ref_dir}", torchrun=2)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "train.py",
+        *common,
+        f"hydra.run.dir={run_dir}",
+    ]
+    agent = subprocess.Popen(
+        cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker processes found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out, _ = agent.communicate(timeout=300)
+    assert agent.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    _assert_bitwise_equal(_weights(ref_dir / "checkpoints" / "last.pt"), _weights(last))
+
+
+def test_run_dir_stamp_is_shared_by_ranks_and_restarts(monkeypatch):
+    from shufflemamba.config import run_stamp
+
+    monkeypatch.delenv("SHUFFLEMAMBA_RUN_STAMP", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123")
+    assert run_stamp() == "torchrun-abc123"
+    monkeypatch.setenv("SHUFFLEMAMBA_RUN_STAMP", "mine")
+    assert run_stamp() == "mine"

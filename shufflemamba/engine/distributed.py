@@ -43,12 +43,36 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=30)
         dist.init_process_group(
             backend="nccl" if want_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=30),
+            timeout=timeout,
             device_id=dev if want_cuda else None,
+            **_restart_safe_store(rank, world, timeout),
         )
     return DistInfo(rank, local_rank, world, dev)
+
+
+def _restart_safe_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, a process-group store namespaced by the restart count.
+
+    After ``--max-restarts`` restarts the group, the agent's store can still hold the
+    previous round's gloo addresses; a new rank that reads one before it is overwritten
+    connects to a dead process ("connectFullMesh failed ... Connection refused").
+    Keys prefixed per round cannot be stale. Outside torchrun: plain env:// init.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_hosts,
+        timeout=timeout,
+    )
+    return {"store": dist.PrefixStore(f"shufflemamba/round{restart}", base), "rank": rank, "world_size": world}
 
 
 def barrier() -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Elements of one chunk's (T, batch, N, dim) slab; tuned with scripts/benchmark_scan.py.
-_CHUNK_ELEMENTS = int(os.environ.get("SHUFFLEMAMBA_SCAN_CHUNK_ELEMENTS", 1 << 18))
+_CHUNK_ELEMENTS = int(os.environ.get("SHUFFLEMAMBA_SCAN_CHUNK_ELEMENTS", 1 << 20))
 
 
 def _chunk_len(batch: int, dim: int, d_state: int, length: int) -> int:
