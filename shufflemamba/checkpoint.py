@@ -47,25 +47,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return dict(obj)
 
 
-def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> dict[str, Tensor]:
-    """Pick the weights from a checkpoint dict.
-
-    ``use_ema=True`` requires ``model_ema``; ``False`` takes ``model``; ``None`` prefers
-    ``model_ema`` when present. A dict of tensors is taken as a raw state dict.
-    """
+def uses_ema(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> bool:
+    """Whether :func:`select_state_dict` takes ``model_ema``: required with ``use_ema=True``,
+    never with ``False``, when present with ``None``. Raises when EMA is required but absent."""
     wrapped = any(k in checkpoint for k in ("model", "model_ema", "state_dict"))
-    if not wrapped:
-        if use_ema:
-            raise CheckpointError("use_ema=True but the file is a raw state dict with no EMA weights")
-        return dict(checkpoint)
-    has_ema = isinstance(checkpoint.get("model_ema"), Mapping) and len(checkpoint["model_ema"]) > 0
+    has_ema = wrapped and isinstance(checkpoint.get("model_ema"), Mapping) and len(checkpoint["model_ema"]) > 0
     if use_ema and not has_ema:
-        raise CheckpointError(
-            f"use_ema=True but the checkpoint has no 'model_ema' (keys: {sorted(checkpoint)}); "
-            "evaluate the raw weights instead (eval.ema=false)"
+        where = (
+            f"the checkpoint has no 'model_ema' (keys: {sorted(checkpoint)})" if wrapped else "it is a raw state dict"
         )
-    if has_ema and use_ema is not False:
+        raise CheckpointError(f"use_ema=True but {where}; evaluate the raw weights instead (eval.ema=false)")
+    return has_ema and use_ema is not False
+
+
+def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> dict[str, Tensor]:
+    """Pick the weights from a checkpoint dict (see :func:`uses_ema`); a dict of tensors is
+    taken as a raw state dict."""
+    if uses_ema(checkpoint, use_ema):
         return dict(checkpoint["model_ema"])
+    if not any(k in checkpoint for k in ("model", "model_ema", "state_dict")):
+        return dict(checkpoint)
     for key in ("model", "state_dict"):
         if isinstance(checkpoint.get(key), Mapping):
             return dict(checkpoint[key])

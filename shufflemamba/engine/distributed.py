@@ -88,12 +88,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank (every rank gets the same answer)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Logical OR of each flag over ranks, in one collective (every rank gets the same answer)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def gather_objects(obj):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint import CheckpointError, load_weights, read_checkpoint
+from ..checkpoint import CheckpointError, load_weights, read_checkpoint, uses_ema
 from ..config import UserError
 from ..data.datasets import build_dataset
 from ..data.loader import DeviceBatchTransform, build_eval_loader
@@ -53,7 +53,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         result.pop("correct1")
         result.update(
             checkpoint=str(cfg.checkpoint),
-            weights="ema" if use_ema or (use_ema is None and checkpoint.get("model_ema")) else "raw",
+            weights="ema" if uses_ema(checkpoint, use_ema) else "raw",
             model=cfg.model.name,
             img_size=cfg.data.img_size,
             crop_pct=cfg.data.crop_pct,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, any_rank
 
 if TYPE_CHECKING:
     from .trainer import Run
@@ -31,14 +31,6 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequested(Exception):
     """SIGTERM/SIGINT (e.g. SLURM pre-emption): a checkpoint was written, the run exits."""
-
-
-def _agree(flags: list[bool], device: torch.device) -> list[bool]:
-    """Logical OR of each flag over ranks, in one collective."""
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 def train_one_epoch(run: Run, epoch: int, start_batch: int) -> dict[str, Any]:
@@ -63,16 +55,17 @@ def train_one_epoch(run: Run, epoch: int, start_batch: int) -> dict[str, Any]:
         with no_sync:
             with run.autocast():
                 loss = run.criterion(model(images), labels)
-            step_bad |= not bool(torch.isfinite(loss.detach()))
+            finite = bool(torch.isfinite(loss.detach()))
+            step_bad |= not finite
             run.scaler.scale(loss / accum).backward()
         window_images += images.shape[0]
-        if torch.isfinite(loss.detach()):
+        if finite:
             loss_sum += loss.detach().double()
             loss_count += 1
         if not is_update:
             continue
 
-        bad, stop = _agree([step_bad, run.stop_requested], device)  # one rank's NaN skips the step everywhere
+        bad, stop = any_rank([step_bad, run.stop_requested], device)  # one rank's NaN skips the step everywhere
         step_bad = False
         if bad:
             run.optimizer.zero_grad(set_to_none=True)

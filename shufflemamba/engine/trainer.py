@@ -8,13 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +26,7 @@ from tqdm import tqdm
 import shufflemamba  # noqa: F401  (registers the models with timm)
 
 from ..config import UserError, model_kwargs, to_plain
-from ..data.datasets import build_dataset
+from ..data.datasets import build_dataset, seed_everything_local
 from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_loader
 from ..data.transforms import build_eval_transform, build_train_transform
 from . import distributed as D
@@ -47,12 +45,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision not in table:
         raise UserError(f"trainer.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     return table[precision]
-
-
-def seed_process(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
@@ -75,7 +67,7 @@ class Run:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        seed_process(tcfg.seed + self.dist.rank)  # ranks draw independently (drop path, shuffle)
+        seed_everything_local(tcfg.seed + self.dist.rank)  # ranks draw independently (drop path, shuffle)
         self.amp_dtype = resolve_precision(tcfg.precision, self.dist.device)
         self.accum_steps = int(tcfg.grad_accum_steps)
         if self.accum_steps < 1:
