@@ -9,6 +9,11 @@
     machine hurts both alike; medians are reported.
 
     python scripts/benchmark_scan.py [--batch 8] [--repeats 5] [--json out.json]
+
+Also, for the analysis in docs/benchmarks.md:
+    --chunk-sweep 131072,1048576   fused bidirectional scan (B 8, 2E 768, L 197, N 16) per chunk size
+    --inductor-chunk               one chunk compiled by torch.compile (Inductor) vs the same code eager
+    --profile                      torch profiler tables of a Vim-T inference and training step
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401
+import shufflemamba.ops.scan_torch as scan_torch
 from shufflemamba.ops.scan_torch import selective_scan_torch
 
 
@@ -127,13 +133,124 @@ def bench_models(batch: int, repeats: int) -> dict:
     return out
 
 
+def chunk_sweep(sizes: list[int], repeats: int) -> list[dict]:
+    """Fused bidirectional layout (channels 2E = 768, grouped B/C): forward, backward, no-grad forward."""
+    b, d, length, n = 8, 768, 197, 16
+    g = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(b, d, length, generator=g),
+        torch.randn(b, d, length, generator=g) * 0.5,
+        -(torch.rand(d, n, generator=g) * 4 + 0.2),
+        torch.randn(b, 2, n, length, generator=g),
+        torch.randn(b, 2, n, length, generator=g),
+        torch.randn(d, generator=g),
+        torch.randn(b, d, length, generator=g),
+        torch.randn(d, generator=g) * 0.5 - 1,
+    ]
+    rows, default = [], scan_torch._CHUNK_ELEMENTS
+    try:
+        for size in sizes:
+            scan_torch._CHUNK_ELEMENTS = size
+            fwd, bwd, inf = [], [], []
+            for _ in range(repeats):
+                leaves = [t.clone().requires_grad_() for t in inputs]
+                t0 = time.perf_counter()
+                y = selective_scan_torch(*leaves, delta_softplus=True)
+                t1 = time.perf_counter()
+                y.backward(torch.ones_like(y))
+                t2 = time.perf_counter()
+                with torch.no_grad():
+                    selective_scan_torch(*inputs, delta_softplus=True)
+                t3 = time.perf_counter()
+                fwd.append(t1 - t0), bwd.append(t2 - t1), inf.append(t3 - t2)
+            rows.append(
+                {
+                    "chunk_elements": size,
+                    "T": scan_torch._chunk_len(b, d, n, length),
+                    "fwd_ms": 1e3 * min(fwd),
+                    "bwd_ms": 1e3 * min(bwd),
+                    "nograd_fwd_ms": 1e3 * min(inf),
+                }
+            )
+    finally:
+        scan_torch._CHUNK_ELEMENTS = default
+    return rows
+
+
+def _chunk_eager(dt, dtu, A, Bm, Cm, h):
+    """Discretise + recur + contract T steps; written so Inductor can fuse it into one loop."""
+    ys = []
+    for t in range(dt.shape[0]):
+        h = torch.exp(dt[t].unsqueeze(-2) * A) * h + dtu[t].unsqueeze(-2) * Bm[t].unsqueeze(-1)
+        ys.append((h * Cm[t].unsqueeze(-1)).sum(-2))
+    return torch.stack(ys), h
+
+
+def inductor_chunk(repeats: int, T: int = 8) -> dict:
+    """No-grad scan of (B 8, G 2, dg 384, N 16, L 192) in chunks of T: compiled vs eager."""
+    b, groups, dg, n, length = 8, 2, 384, 16, 192
+    g = torch.Generator().manual_seed(0)
+    dt = torch.rand(length, b, groups, dg, generator=g) * 0.1
+    dtu = torch.randn(length, b, groups, dg, generator=g)
+    A = -torch.rand(groups, n, dg, generator=g) * 4
+    Bm, Cm = torch.randn(length, b, groups, n, generator=g), torch.randn(length, b, groups, n, generator=g)
+
+    def run(fn):
+        h, ys = torch.zeros(b, groups, n, dg), []
+        for s in range(0, length, T):
+            y, h = fn(dt[s : s + T], dtu[s : s + T], A, Bm[s : s + T], Cm[s : s + T], h)
+            ys.append(y)
+        return torch.cat(ys)
+
+    compiled = torch.compile(_chunk_eager, dynamic=False)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ref = run(compiled)
+        compile_s = time.perf_counter() - t0
+        times = {}
+        for name, fn in (("inductor", compiled), ("eager", _chunk_eager)):
+            run(fn)
+            times[name] = min(_timed(lambda fn=fn: run(fn)) for _ in range(repeats))
+        err = (run(_chunk_eager) - ref).abs().max().item()
+    return {
+        "T": T,
+        "first_call_s": compile_s,
+        "inductor_ms": 1e3 * times["inductor"],
+        "eager_ms": 1e3 * times["eager"],
+        "max_abs_diff": err,
+    }
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def profile_vim_tiny(batch: int) -> None:
+    model = timm.create_model("vim_tiny_patch16_224")
+    for train in (False, True):
+        step = _step_fn(model, batch, train)
+        step()
+        with torch.profiler.profile() as prof:
+            step()
+        print(f"--- vim_tiny_patch16_224 {'training step' if train else 'inference'}, batch {batch}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--chunk-sweep", default=None, help="comma-separated chunk sizes (elements)")
+    parser.add_argument("--inductor-chunk", action="store_true")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.profile:
+        profile_vim_tiny(args.batch)
+        return
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -142,6 +259,10 @@ def main() -> None:
     }
     if not args.skip_models:
         report["models_224"] = bench_models(args.batch, args.repeats)
+    if args.chunk_sweep:
+        report["chunk_sweep"] = chunk_sweep([int(c) for c in args.chunk_sweep.split(",")], args.repeats)
+    if args.inductor_chunk:
+        report["inductor_chunk"] = inductor_chunk(args.repeats)
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as f:
