@@ -1,4 +1,5 @@
-"""Safe loading of model weights: our checkpoints, official Vim / ShuffleMamba files, raw state dicts.
+"""Safe loading of model weights: our checkpoints, official Vim / ShuffleMamba / VMamba /
+MambaOut / DeiT files, raw state dicts.
 
 Files are read with ``torch.load(weights_only=True)``; the only class allowed beyond
 tensors and plain containers is ``argparse.Namespace`` (official files pickle their
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models.vim import checkpoint_filter_fn
+from .models.state_dict import unwrap_state_dict
 
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
@@ -73,6 +75,14 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool | None = None
     raise CheckpointError(f"checkpoint has no 'model' weights (keys: {sorted(checkpoint)})")
 
 
+def filter_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
+    """Unwrapped weights, converted by the model family's ``checkpoint_filter_fn`` when its module
+    has one (ours: pos-embed resize, 1x1-conv weights; timm's: e.g. MambaOut's original names)."""
+    state = unwrap_state_dict(state_dict)
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    return convert(state, model) if convert is not None else state
+
+
 def load_weights(
     model: nn.Module, source: str | os.PathLike | Mapping[str, Any], use_ema: bool | None = None
 ) -> dict[str, Any]:
@@ -83,7 +93,7 @@ def load_weights(
     missing, unexpected and mis-shaped keys when the weights do not fit.
     """
     checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else dict(source)
-    state = checkpoint_filter_fn(select_state_dict(checkpoint, use_ema), model)
+    state = filter_state_dict(select_state_dict(checkpoint, use_ema), model)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

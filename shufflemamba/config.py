@@ -38,8 +38,27 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
 
 
+# Keys of a model config that are framework settings, not constructor arguments.
+_NOT_CONSTRUCTOR_ARGS = ("name", "crop_pct")
+
+
 def model_kwargs(model_cfg: DictConfig | dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """model config -> (timm name, create_model kwargs without the nulls)."""
+    """model config -> (timm name, create_model kwargs without the nulls).
+
+    The token-shuffle keys are dropped for families where the shuffle is undefined; asking
+    for a shuffle there (``shuffle_rate > 0``) is a :class:`UserError`, never a silent no-op.
+    """
+    from .models import supports_token_shuffle  # here: importing the models registers them with timm
+
     items = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
-    name = items.pop("name")
-    return name, {k: v for k, v in items.items() if v is not None}
+    name = items["name"]
+    kwargs = {k: v for k, v in items.items() if v is not None and k not in _NOT_CONSTRUCTOR_ARGS}
+    if not supports_token_shuffle(name):
+        rate = kwargs.pop("shuffle_rate", 0.0)
+        kwargs.pop("shuffle_per_sample", None)
+        if rate:
+            raise UserError(
+                f"model.shuffle_rate={rate}, but the layer-wise token shuffle is only defined for the plain "
+                f"sequence models (vim_*, shufflemamba_*), not for {name}; set model.shuffle_rate=0"
+            )
+    return name, kwargs

@@ -50,7 +50,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     name, kwargs = model_kwargs(cfg.model)
     if name not in timm.list_models():
-        raise UserError(f"unknown model {name!r}; registered: {', '.join(shufflemamba.models.MODEL_SIZES)}")
+        raise UserError(f"unknown model {name!r}: not a timm model name (configured families: conf/model/*.yaml)")
     return timm.create_model(name, **kwargs).to(device)
 
 
@@ -62,6 +62,7 @@ class Run:
         self.ckpt_dir = run_dir / "checkpoints"
         self.dist = D.init_distributed(cfg.trainer.device)
         setup_logging(run_dir, self.dist.is_main)
+        model_kwargs(cfg.model)  # model config errors surface before any data is read
         tcfg = cfg.trainer
         if tcfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

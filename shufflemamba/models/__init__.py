@@ -1,12 +1,30 @@
-"""Model families. Importing this registers every size with timm's ``create_model``."""
+"""Model families. Importing this registers every size with timm's ``create_model``.
+
+Ours: Vim / ShuffleMamba (:mod:`.vim`) and VMamba (:mod:`.vmamba`). MambaOut and DeiT are
+timm's own implementations, used as they are.
+"""
 
 from .vim import MODEL_SIZES, BiMambaMixer, MambaBlock, VisionMamba, checkpoint_filter_fn, resize_pos_embed
+from .vmamba import SS2D, VMAMBA_SIZES, VMamba, VSSBlock
+
+
+def supports_token_shuffle(model_name: str) -> bool:
+    """The layer-wise token shuffle is defined for plain sequence models (Vim / ShuffleMamba):
+    a token order to permute and restore around each block. Hierarchical 2-D models
+    (VMamba, MambaOut) and timm's ViTs have no such hook."""
+    return model_name in MODEL_SIZES
+
 
 __all__ = [
     "MODEL_SIZES",
+    "SS2D",
+    "VMAMBA_SIZES",
     "BiMambaMixer",
     "MambaBlock",
+    "VMamba",
+    "VSSBlock",
     "VisionMamba",
     "checkpoint_filter_fn",
     "resize_pos_embed",
+    "supports_token_shuffle",
 ]

@@ -17,12 +17,15 @@ from typing import Any, Literal
 
 import torch
 from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import causal_conv1d, selective_scan
 from ..shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
+from .registry import register_sizes
+from .ssm_init import init_dt_projection_, s4d_real_log_a
+from .state_dict import unwrap_state_dict
 
 __all__ = ["BiMambaMixer", "MambaBlock", "VisionMamba", "checkpoint_filter_fn", "resize_pos_embed"]
 
@@ -74,14 +77,9 @@ class BiMambaMixer(nn.Module):
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4) -> None:
         """Mamba init, applied to both directions (the official code leaves dt_proj_b at
         PyTorch's default and then zeroes its bias; we give both directions the same start)."""
-        std = self.dt_rank**-0.5
         for dt_proj in (self.dt_proj, self.dt_proj_b):
-            nn.init.uniform_(dt_proj.weight, -std, std)
-            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
-                min=dt_init_floor
-            )
-            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        a_log = torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1)
+            init_dt_projection_(dt_proj.weight, dt_proj.bias, dt_min, dt_max, dt_init_floor)
+        a_log = s4d_real_log_a(self.d_inner, self.d_state)
         self.A_log.copy_(a_log)
         self.A_b_log.copy_(a_log)
         self.D.fill_(1.0)
@@ -369,13 +367,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionMamba) -> dict
     Unwraps ``model`` / ``state_dict``, strips ``module.``, and resizes the position
     embedding to the model's grid. Names are already the official ones.
     """
-    for key in ("model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
     out = {}
-    for name, value in state_dict.items():
-        name = name.removeprefix("module.")
+    for name, value in unwrap_state_dict(state_dict).items():
         if name == "pos_embed" and value.shape != model.pos_embed.shape:
             value = resize_pos_embed(value, model.patch_embed.grid_size, None, model.cls_position)
         out[name] = value
@@ -450,15 +443,4 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
     )
 
 
-def _register(variant: str) -> None:
-    def factory(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-        return _create(variant, pretrained, **kwargs)
-
-    factory.__name__ = factory.__qualname__ = variant
-    factory.__doc__ = f"{variant}: embed_dim, depth, norm, cls position, shuffle, drop path = {MODEL_SIZES[variant]}"
-    factory.__module__ = __name__
-    globals()[variant] = register_model(factory)
-
-
-for _variant in MODEL_SIZES:
-    _register(_variant)
+register_sizes(__name__, MODEL_SIZES, _create, "embed_dim, depth, norm, cls position, shuffle, drop path")

@@ -1,0 +1,375 @@
+"""VMamba (arXiv:2401.10166): the published "v05_noz" VSS block with SS2D, the 4-stage
+hierarchy, and the registered sizes ``vmamba_tiny`` / ``vmamba_small`` / ``vmamba_base``.
+
+SS2D reads the (H, W) map of the block as four sequences (row-major, column-major and
+their reverses, :mod:`shufflemamba.ops.cross_scan`), runs one selective scan per direction
+with its own x_proj / dt_proj / A / D, maps the outputs back and sums them. All four
+directions go through ONE :func:`shufflemamba.ops.selective_scan` call: the sequences are
+stacked along channels and B/C are grouped per direction, exactly as for Vim's fused
+mixer, so the torch path runs on CPU and mamba-ssm's kernel on GPU.
+
+Layout: activations are kept channels-last (B, H, W, C) so that the projections and
+norms are plain ``nn.Linear`` / ``nn.LayerNorm``; only the depthwise conv, the scan and the
+stem/downsampling convs see (B, C, H, W). State-dict names and shapes are those of the
+official MzeroMiko/VMamba code (``channel_first`` / ``ln2d`` builds, whose ``Linear2d`` keeps
+2-D weights), so its checkpoints load unchanged; 1x1-conv-shaped weights are squeezed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import selective_scan
+from ..ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
+from .registry import register_sizes
+from .ssm_init import init_dt_projection_, s4d_real_log_a
+from .state_dict import unwrap_state_dict
+
+__all__ = ["SS2D", "VMamba", "VSSBlock", "checkpoint_filter_fn"]
+
+
+class SS2D(nn.Module):
+    """2-D selective scan, "v05_noz": in-proj, 3x3 depthwise conv, SiLU, 4-direction scan,
+    merge, LayerNorm, out-proj. No gate branch (``noz``). Input and output (B, H, W, C)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        conv_bias: bool = False,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_state = d_state
+        self.d_inner = inner = int(ssm_ratio * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.scan_backend = scan_backend
+        k = NUM_DIRECTIONS
+
+        self.in_proj = nn.Linear(d_model, inner, bias=False)
+        self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2, groups=inner, bias=conv_bias)
+        self.act = nn.SiLU()
+        # Per-direction parameters, stacked along a leading direction axis (the official layout).
+        self.x_proj_weight = nn.Parameter(torch.empty(k, self.dt_rank + 2 * d_state, inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, inner, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, inner))
+        self.A_logs = nn.Parameter(torch.empty(k * inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * inner))
+        self.out_norm = nn.LayerNorm(inner)
+        self.out_proj = nn.Linear(inner, d_model, bias=False)
+        self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4) -> None:
+        """Official init: x_proj as nn.Linear's default, Mamba's dt / A / D init per direction."""
+        bound = self.d_inner**-0.5
+        self.x_proj_weight.uniform_(-bound, bound)
+        for k in range(NUM_DIRECTIONS):
+            init_dt_projection_(self.dt_projs_weight[k], self.dt_projs_bias[k], dt_min, dt_max, dt_init_floor)
+        self.A_logs.copy_(s4d_real_log_a(NUM_DIRECTIONS * self.d_inner, self.d_state))
+        self.Ds.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, _ = x.shape
+        x = self.act(self.conv2d(self.in_proj(x).permute(0, 3, 1, 2)))  # (B, E, H, W)
+        y = self.scan_2d(x)  # (B, E, L)
+        y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, self.d_inner))
+        return self.out_proj(y)
+
+    def scan_2d(self, x: Tensor) -> Tensor:
+        """(B, E, H, W) -> (B, E, H * W) row-major: the four directional scans, merged."""
+        batch, inner, height, width = x.shape
+        length, k, n = height * width, NUM_DIRECTIONS, self.d_state
+        xs = cross_scan(x)  # (B, K, E, L)
+        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)  # (B, K, R + 2N, L)
+        dts, Bs, Cs = x_dbl.split([self.dt_rank, n, n], dim=2)
+        delta = torch.matmul(self.dt_projs_weight.to(dts.dtype), dts)  # (B, K, E, L)
+        ys = selective_scan(
+            xs.reshape(batch, k * inner, length),
+            delta.reshape(batch, k * inner, length),
+            -torch.exp(self.A_logs),  # the scan runs A / D / dt bias in fp32 (fp64 models: fp64)
+            Bs.contiguous(),  # grouped: channel c of the stack reads direction c // E
+            Cs.contiguous(),
+            self.Ds,
+            None,
+            self.dt_projs_bias.reshape(-1),
+            True,
+            backend=self.scan_backend,
+        )
+        return cross_merge(ys.view(batch, k, inner, length), height, width)
+
+
+class VSSBlock(nn.Module):
+    """x + DP(SS2D(LN(x))), then x + DP(MLP(LN(x))); channels-last."""
+
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-5,
+        **ssm_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.op = SS2D(dim, **ssm_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.op(self.norm(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class _ChannelsFirst(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+def _stem(in_chans: int, dim: int, eps: float) -> nn.Sequential:
+    """Two 3x3 stride-2 convs with LN (GELU between); indices match the official "v2" stem."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1),
+        _ChannelsLast(),
+        nn.LayerNorm(dim // 2, eps=eps),
+        _ChannelsFirst(),
+        nn.GELU(),
+        nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1),
+        _ChannelsLast(),
+        nn.LayerNorm(dim, eps=eps),
+    )
+
+
+def _downsample(dim: int, out_dim: int, eps: float) -> nn.Sequential:
+    """3x3 stride-2 conv + LN; indices match the official "v3" downsampling."""
+    return nn.Sequential(
+        _ChannelsFirst(),
+        nn.Conv2d(dim, out_dim, 3, stride=2, padding=1),
+        _ChannelsLast(),
+        nn.LayerNorm(out_dim, eps=eps),
+    )
+
+
+class VMambaStage(nn.Module):
+    def __init__(self, blocks: list[VSSBlock], downsample: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.downsample = downsample
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.downsample(x)
+
+
+class VMamba(nn.Module):
+    """4-stage VMamba: conv stem (/4), VSS blocks with conv downsampling (/8, /16, /32),
+    LN + global average pool + linear head. Any input size works (no position embedding)."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depths: Sequence[int] = (2, 2, 8, 2),
+        dims: int | Sequence[int] = 96,
+        d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        dt_rank: int | str = "auto",
+        d_conv: int = 3,
+        conv_bias: bool = False,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        norm_eps: float = 1e-5,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        depths = list(depths)
+        dims = [int(dims) * 2**i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
+        if len(dims) != len(depths):
+            raise ValueError(f"dims {dims} and depths {depths} must have one entry per stage")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.dims = dims
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        self.patch_embed = _stem(in_chans, dims[0], norm_eps)
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace(0, rate, total)
+        ssm_kwargs = dict(
+            d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias,
+            scan_backend=scan_backend,
+        )  # fmt: skip
+        self.layers = nn.ModuleList()
+        for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
+            first = sum(depths[:i])
+            blocks = [
+                VSSBlock(dim, drop_path=dpr[first + j], mlp_ratio=mlp_ratio, norm_eps=norm_eps, **ssm_kwargs)
+                for j in range(depth)
+            ]
+            last = i == len(depths) - 1
+            self.layers.append(VMambaStage(blocks, nn.Identity() if last else _downsample(dim, dims[i + 1], norm_eps)))
+        self.classifier = nn.ModuleDict(
+            {
+                "norm": nn.LayerNorm(self.num_features, eps=norm_eps),
+                "head": nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),
+            }
+        )
+        self.head_drop = nn.Dropout(drop_rate)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official init: trunc-normal(0.02) Linear weights with zero bias; the SSM's own
+        parameters (not Linear modules) keep their Mamba init; convs keep PyTorch's."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    # ---- timm model surface -------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The SSM's A, D and dt bias never decay (timm also skips every 1-D tensor)."""
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in ("A_logs", "Ds", "dt_projs_bias")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-decay groups: stem, each block (or each stage), its downsampling after it, final norm."""
+        if coarse:
+            blocks: Any = r"^layers\.(\d+)"
+        else:
+            blocks = [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99998,)),
+                (r"^classifier\.norm", (99999,)),
+            ]
+        return dict(stem=r"^patch_embed", blocks=blocks)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier["head"]
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.classifier["head"] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> last-stage features (B, H/32, W/32, C), channels-last."""
+        x = self.patch_embed(x)
+        for stage in self.layers:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.classifier["norm"](x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.classifier["head"](x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: VMamba) -> dict[str, Tensor]:
+    """Official VMamba checkpoint (or ours, raw or DDP) -> this model's state dict.
+
+    Names are already the official ones; weights saved from a 1x1 ``nn.Conv2d`` (4-D) are
+    squeezed to the 2-D ``nn.Linear`` shape, as the official ``Linear2d`` does on load.
+    """
+    own = model.state_dict()
+    out = {}
+    for name, value in unwrap_state_dict(state_dict).items():
+        if name in own and value.dim() == 4 and own[name].dim() == 2 and value.shape[2:] == (1, 1):
+            value = value.flatten(1)
+        out[name] = value
+    return out
+
+
+# ---- registered sizes -----------------------------------------------------------------------
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.0",
+        "classifier": "classifier.head",
+        "license": "mit",
+        "paper_ids": "arXiv:2401.10166",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "vmamba_tiny.in1k": _cfg(notes=("top-1 82.6",)),
+        "vmamba_small.in1k": _cfg(notes=("top-1 83.6",)),
+        "vmamba_base.in1k": _cfg(notes=("top-1 83.9",)),
+    }
+)
+
+# name: (dims, depths, ssm_ratio, drop_path_rate); all d_state 1, mlp_ratio 4, "v05_noz".
+# Published: T 30.2M / 82.6, S 50.1M / 83.6, B 88.6M / 83.9 (drop path 0.2 / 0.3 / 0.6).
+VMAMBA_SIZES: dict[str, tuple[int, tuple[int, ...], float, float]] = {
+    "vmamba_tiny": (96, (2, 2, 8, 2), 1.0, 0.2),
+    "vmamba_small": (96, (2, 2, 15, 2), 2.0, 0.3),
+    "vmamba_base": (128, (2, 2, 15, 2), 2.0, 0.6),
+}
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VMamba:
+    dims, depths, ssm_ratio, drop_path_rate = VMAMBA_SIZES[variant]
+    defaults = dict(dims=dims, depths=depths, ssm_ratio=ssm_ratio, drop_path_rate=drop_path_rate)
+    return build_model_with_cfg(
+        VMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **{**defaults, **kwargs},
+    )
+
+
+register_sizes(__name__, VMAMBA_SIZES, _create, "dims, depths, ssm_ratio, drop path")
