@@ -1,13 +1,17 @@
 """Training-step and inference throughput (images/s) and peak memory: our models on each scan
-path against timm's DeiT, at several resolutions, with bf16 autocast, with/without torch.compile.
+path (Vim / ShuffleMamba, VMamba) against timm's DeiT and MambaOut, at several resolutions, with
+bf16 autocast, with/without torch.compile.
 
 GPU (what the numbers in docs/benchmarks.md come from):
     python scripts/benchmark.py --out-dir bench/          # CSV + markdown table
 CPU smoke test (tiny sizes, so CI can run it):
     python scripts/benchmark.py --device cpu --tiny --resolutions 64 --batch 2 --steps 2 --warmup 1
 
-Variants: "<model>/cuda-fused", "<model>/cuda-unfused", "<model>/torch" for our models (cuda ones
-skipped where the kernels are unavailable), "<deit>" for timm's. A variant that runs out of memory
+Variants: "<vim>/cuda-fused", "<vim>/cuda-unfused", "<vim>/torch" for the Vim family, "<vmamba>/cuda"
+and "<vmamba>/torch" for VMamba (cuda ones skipped where the kernels are unavailable), the bare name
+for timm's models. Family comparison on CPU:
+    python scripts/benchmark.py --device cpu --no-amp --resolutions 224 --batch 8 --steps 3 --warmup 1 \
+        --models vim_tiny_patch16_224,vmamba_tiny,mambaout_tiny,deit_tiny_patch16_224 A variant that runs out of memory
 is recorded as OOM instead of stopping the run. ``--profile VARIANT`` prints a profiler table of one
 training step of that variant at the first resolution.
 """
@@ -30,15 +34,31 @@ from shufflemamba.ops import cuda_kernels_available, use_backend
 
 OURS = ["vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224"]
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+VMAMBA = ["vmamba_tiny", "vmamba_small", "vmamba_base"]
+MAMBAOUT = ["mambaout_tiny", "mambaout_small", "mambaout_base"]
+VIM_FAMILY = ("vim_", "shufflemamba_")
+# 2-layer-ish versions of each family for --tiny smoke runs
+TINY_KWARGS = {
+    "vim_": dict(depth=2, embed_dim=32),
+    "shufflemamba_": dict(depth=2, embed_dim=32),
+    "deit": dict(depth=2, embed_dim=64, num_heads=2),
+    "vmamba_": dict(dims=16, depths=(1, 1, 1, 1)),
+    "mambaout_": dict(dims=(16, 24, 32, 48), depths=(1, 1, 1, 1)),
+}
 
 
 def variants(models: list[str], device: str) -> list[tuple[str, str, str | None, bool]]:
     """(label, timm name, scan backend or None, fused) for every measurable variant."""
     out = []
+    kernels = device == "cuda" and cuda_kernels_available()
     for name in models:
-        if name.startswith(("vim_", "shufflemamba_")):
-            if device == "cuda" and cuda_kernels_available():
+        if name.startswith(VIM_FAMILY):
+            if kernels:
                 out += [(f"{name}/cuda-fused", name, "cuda", True), (f"{name}/cuda-unfused", name, "cuda", False)]
+            out.append((f"{name}/torch", name, "torch", True))
+        elif name.startswith("vmamba_"):
+            if kernels:
+                out.append((f"{name}/cuda", name, "cuda", True))
             out.append((f"{name}/torch", name, "torch", True))
         else:
             out.append((name, name, None, True))
@@ -46,13 +66,13 @@ def variants(models: list[str], device: str) -> list[tuple[str, str, str | None,
 
 
 def build(name: str, res: int, fused: bool, tiny: bool, device: str):
-    kw = {"img_size": res}
-    if name.startswith(("vim_", "shufflemamba_")):
+    kw = {}
+    if name.startswith((*VIM_FAMILY, "deit")):  # fixed-grid models; the conv hierarchies take any size
+        kw["img_size"] = res
+    if name.startswith(VIM_FAMILY):
         kw["fused_directions"] = fused
     if tiny:
-        kw.update(depth=2, embed_dim=64 if name.startswith("deit") else 32)
-        if name.startswith("deit"):
-            kw["num_heads"] = 2
+        kw.update(next(v for prefix, v in TINY_KWARGS.items() if name.startswith(prefix)))
     return timm.create_model(name, **kw).to(device)
 
 
@@ -93,7 +113,7 @@ def measure(model, batch, res, device, train, steps, warmup, amp, compile_model)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", default=",".join(OURS + DEIT))
+    p.add_argument("--models", default=",".join(OURS + VMAMBA + DEIT + MAMBAOUT))
     p.add_argument("--resolutions", default="224,512,1024")
     p.add_argument(
         "--batch", type=int, default=64, help="images per step at 224 (scaled down by (224/res)^2 above 224)"

@@ -40,7 +40,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} holds objects outside the safe allow-list (tensors, containers, argparse.Namespace); "
-            f"refusing to unpickle it. torch said: {str(exc).splitlines()[0]}"
+            f"refusing to unpickle it (if you trust the file, e.g. an official VMamba release with its yacs "
+            f"config, copy its weights out once: python scripts/extract_weights.py {path} weights.pth). "
+            f"torch said: {str(exc).splitlines()[0]}"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None

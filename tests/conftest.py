@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+
+from shufflemamba.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +25,13 @@ TINY = [
     "trainer.max_steps_per_epoch=5",
     "trainer.progress_bar=false",
 ]
+
+
+def compose_cfg(name: str, overrides: list[str]):
+    """The config train.py / eval.py would see for these command-line overrides."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -11,20 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from conftest import ROOT, TINY, read_metrics, run_script, subprocess_env
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, TINY, compose_cfg, read_metrics, run_script, subprocess_env
 
-from shufflemamba.config import register_resolvers
+from shufflemamba.config import model_kwargs
 
-register_resolvers()
-
-EXPERIMENTS = ["demo", "vim_tiny_in1k", "vim_small_in1k", "shufflemamba_base_in1k"]
-
-
-def compose_cfg(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -39,12 +32,29 @@ def test_every_preset_composes_for_training_and_eval(experiment):
         assert cfg.data.batch_size == 256 and cfg.trainer.ema.decay == 0.9999
     if experiment == "vim_small_in1k":
         assert (cfg.data.batch_size, cfg.optim.base_lr, cfg.model.drop_path_rate) == (64, 1e-3, 0.05)
+    if experiment == "vmamba_tiny_in1k":
+        assert (cfg.model.name, cfg.model.drop_path_rate, cfg.trainer.clip_grad, cfg.aug.repeated_aug) == (
+            "vmamba_tiny",
+            0.2,
+            5.0,
+            1,
+        )
+        assert (cfg.sched.warmup_epochs, cfg.trainer.ema.decay, cfg.data.crop_pct) == (20, 0.9999, 0.875)
+    if experiment == "mambaout_tiny_in1k":
+        global_batch = cfg.data.batch_size * 8 * cfg.trainer.grad_accum_steps
+        assert (global_batch, cfg.optim.base_lr * global_batch / 512) == (4096, 4e-3)  # lr 4e-3 at 4096
+        assert (cfg.model.drop_path_rate, cfg.trainer.ema.enabled, cfg.data.crop_pct) == (0.2, False, 1.0)
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
-def test_every_model_config_composes(model):
+def test_every_model_config_composes_and_builds(model):
     cfg = compose_cfg("train", [f"model={model}", "data=fake"])
-    assert cfg.model.name == model
+    name, kwargs = model_kwargs(cfg.model)
+    assert name == model or model == "shufflemamba_demo"
+    with torch.device("meta"):
+        built = timm.create_model(name, **kwargs)
+    assert built.num_classes == cfg.data.num_classes
+    assert cfg.data.crop_pct == cfg.model.crop_pct
 
 
 def test_train_then_eval_reproduces_the_recorded_top1(tmp_path):

@@ -1,13 +1,17 @@
 """VMamba: cross-scan, SS2D against a plain per-direction loop, sizes, official names, timm surface."""
 
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import run_script, subprocess_env
 from timm.optim import create_optimizer_v2
 
 import shufflemamba  # noqa: F401  (registers the models)
-from shufflemamba.checkpoint import load_weights
+from shufflemamba.checkpoint import CheckpointError, load_weights, read_checkpoint
 from shufflemamba.models.vmamba import SS2D
 from shufflemamba.ops import use_backend
 from shufflemamba.ops.cross_scan import cross_merge, cross_scan, cross_unscan
@@ -194,3 +198,38 @@ def test_any_input_size_and_the_timm_surface():
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and model.layers[0].blocks[0].op.x_proj_weight.grad is not None
+
+
+def test_release_file_with_a_foreign_pickled_config_is_refused_then_extracted(tmp_path):
+    """An official VMamba file pickles its yacs config: the safe loader refuses it and says how to
+    proceed; scripts/extract_weights.py (yacs not installed) copies the weights out."""
+    fake_pkg = tmp_path / "site" / "yacs"
+    fake_pkg.mkdir(parents=True)
+    (fake_pkg / "__init__.py").write_text("")
+    (fake_pkg / "config.py").write_text(
+        "class CfgNode(dict):\n"
+        "    def __init__(self, d=None):\n"
+        "        super().__init__(d or {})\n"
+        "        self.__dict__['__immutable__'] = True\n"
+    )
+    weights = tmp_path / "weights.pt"
+    state = tiny_vmamba().state_dict()
+    torch.save(state, weights)
+    release = tmp_path / "vssm_release.pth"
+    make = (
+        "import sys, torch; from yacs.config import CfgNode\n"
+        f"sd = torch.load({str(weights)!r}, weights_only=True)\n"
+        "cfg = CfgNode({'MODEL': CfgNode({'NAME': 'vssm1_tiny'}), 'TRAIN': CfgNode({'EPOCHS': 300})})\n"
+        f"torch.save({{'model': sd, 'config': cfg, 'epoch': 264, 'max_accuracy': 82.5}}, {str(release)!r})\n"
+    )
+    env = subprocess_env(PYTHONPATH=str(tmp_path / "site"))
+    subprocess.run([sys.executable, "-c", make], check=True, env=env)
+    with pytest.raises(CheckpointError, match="extract_weights.py"):
+        read_checkpoint(release)
+    out = tmp_path / "extracted.pth"
+    proc = run_script("scripts/extract_weights.py", str(release), str(out))
+    assert "placeholder for yacs.config.CfgNode" in proc.stderr and f"model ({len(state)} tensors)" in proc.stdout
+    model = tiny_vmamba()
+    load_weights(model, out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
