@@ -66,6 +66,13 @@ def run_script(
     return proc
 
 
+def evaluate_checkpoint(overrides: list[str], checkpoint: Path, work_dir: Path) -> dict:
+    """Run eval.py on ``checkpoint`` with these config overrides; its JSON result."""
+    out = work_dir / "eval.json"
+    run_script("eval.py", *overrides, f"checkpoint={checkpoint}", f"output={out}", f"hydra.run.dir={work_dir / 'eval'}")
+    return json.loads(out.read_text())
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -34,6 +34,20 @@ def test_scan_cuda_matches_torch_fp32(groups):
         assert _rel(a, b) < 1e-4
 
 
+def _assert_backends_agree(model, x, dtype, tol):
+    """Output within tol and every parameter gradient within 10 x tol, cuda vs torch path."""
+    results = {}
+    for backend in ("cuda", "torch"):
+        model.zero_grad()
+        with use_backend(backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+        out.float().square().mean().backward()
+        results[backend] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+    assert _rel(results["cuda"][0], results["torch"][0]) < tol
+    for a, b in zip(results["cuda"][1], results["torch"][1], strict=True):
+        assert _rel(a, b) < 10 * tol
+
+
 def _model(fused, **kw):
     torch.manual_seed(0)
     return timm.create_model(
@@ -52,18 +66,7 @@ def _model(fused, **kw):
 def test_model_cuda_matches_torch_forward_and_backward(dtype, tol):
     """bf16: inputs to the kernel are rounded to 8 mantissa bits (~4e-3 relative per op), so a
     3-block model agrees to a few 1e-2; fp32 is held to 1e-4."""
-    model = _model(True, shuffle_rate=0.0)
-    x = torch.randn(4, 3, 64, 64, device="cuda")
-    results = {}
-    for backend in ("cuda", "torch"):
-        model.zero_grad()
-        with use_backend(backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x)
-        out.float().square().mean().backward()
-        results[backend] = (out.detach(), [p.grad.clone() for p in model.parameters()])
-    assert _rel(results["cuda"][0], results["torch"][0]) < tol
-    for a, b in zip(results["cuda"][1], results["torch"][1], strict=True):
-        assert _rel(a, b) < 10 * tol
+    _assert_backends_agree(_model(True, shuffle_rate=0.0), torch.randn(4, 3, 64, 64, device="cuda"), dtype, tol)
 
 
 def test_fused_equals_unfused_on_cuda():
@@ -100,13 +103,4 @@ def test_vmamba_cuda_matches_torch_forward_and_backward(dtype, tol):
     torch.manual_seed(0)
     model = timm.create_model("vmamba_tiny", dims=32, depths=(1, 2, 1, 1), num_classes=10).cuda()
     x = torch.randn(4, 3, 64, 48, device="cuda")  # non-square: row- and column-major scans differ
-    results = {}
-    for backend in ("cuda", "torch"):
-        model.zero_grad()
-        with use_backend(backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x)
-        out.float().square().mean().backward()
-        results[backend] = (out.detach(), [p.grad.clone() for p in model.parameters()])
-    assert _rel(results["cuda"][0], results["torch"][0]) < tol
-    for a, b in zip(results["cuda"][1], results["torch"][1], strict=True):
-        assert _rel(a, b) < 10 * tol
+    _assert_backends_agree(model, x, dtype, tol)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import timm
 import torch
-from conftest import compose_cfg, read_metrics, run_script
+from conftest import compose_cfg, evaluate_checkpoint, read_metrics, run_script
 
 from shufflemamba.config import UserError, model_kwargs
 
@@ -84,14 +82,5 @@ def test_each_family_trains_in_the_demo_setting_and_eval_reproduces_it(family, t
     assert {r["epoch"] for r in val} == {0, 1} and all(r["num_images"] == 360 for r in val)
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     assert best["config"]["model"]["name"] == DEMO_SIZED[family][0].split("=")[1]
-    out = tmp_path / "eval.json"
-    run_script(
-        "eval.py",
-        *SHORT,
-        *DEMO_SIZED[family],
-        f"checkpoint={run_dir}/checkpoints/best.pt",
-        f"output={out}",
-        f"hydra.run.dir={tmp_path / 'eval'}",
-    )
-    result = json.loads(out.read_text())
+    result = evaluate_checkpoint([*SHORT, *DEMO_SIZED[family]], run_dir / "checkpoints" / "best.pt", tmp_path)
     assert result["top1"] == pytest.approx(best["best_top1"], abs=0) and result["num_images"] == 360

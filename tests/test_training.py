@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import ROOT, TINY, compose_cfg, read_metrics, run_script, subprocess_env
+from conftest import ROOT, TINY, compose_cfg, evaluate_checkpoint, read_metrics, run_script, subprocess_env
 
 from shufflemamba.config import model_kwargs
 
@@ -69,15 +69,7 @@ def test_train_then_eval_reproduces_the_recorded_top1(tmp_path):
     assert {"model", "model_ema", "optimizer", "epoch", "lr_scheduler", "scaler", "rng", "config"} <= set(best)
     recorded = max(r["top1"] for r in val if r["weights"] == best["best_weights"])
     assert recorded == pytest.approx(best["best_top1"], abs=0)
-    out = tmp_path / "r.json"
-    run_script(
-        "eval.py",
-        *TINY,
-        f"checkpoint={run_dir}/checkpoints/best.pt",
-        f"output={out}",
-        f"hydra.run.dir={tmp_path / 'eval'}",
-    )
-    result = json.loads(out.read_text())
+    result = evaluate_checkpoint(TINY, run_dir / "checkpoints" / "best.pt", tmp_path)
     assert result["top1"] == recorded and result["num_images"] == 360
     assert {"top1", "top5", "loss", "num_images", "images_per_sec"} <= set(result)
 

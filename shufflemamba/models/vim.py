@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import causal_conv1d, selective_scan
 from ..shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
-from .registry import register_sizes
+from .registry import imagenet_cfg, register_sizes
 from .ssm_init import init_dt_projection_, s4d_real_log_a
 from .state_dict import unwrap_state_dict
 
@@ -377,21 +377,14 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionMamba) -> dict
 
 # ---- registered sizes -----------------------------------------------------------------------
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
+    return imagenet_cfg(
+        pool_size=None,
+        fixed_input_size=True,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="apache-2.0",
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs(

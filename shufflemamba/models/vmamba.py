@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import selective_scan
 from ..ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
-from .registry import register_sizes
+from .registry import imagenet_cfg, register_sizes
 from .ssm_init import init_dt_projection_, s4d_real_log_a
 from .state_dict import unwrap_state_dict
 
@@ -325,22 +325,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VMamba) -> dict[str,
 
 # ---- registered sizes -----------------------------------------------------------------------
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.0",
-        "classifier": "classifier.head",
-        "license": "mit",
-        "paper_ids": "arXiv:2401.10166",
+    return imagenet_cfg(
+        pool_size=(7, 7),
+        fixed_input_size=False,
+        first_conv="patch_embed.0",
+        classifier="classifier.head",
+        license="mit",
+        paper_ids="arXiv:2401.10166",
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs(
