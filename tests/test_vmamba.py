@@ -186,9 +186,13 @@ def test_any_input_size_and_the_timm_surface():
         feats = model.forward_features(torch.randn(1, 3, 64, 64))
         assert feats.shape == (1, 2, 2, 64)  # channels-last, /32, dims 8 -> 64
         assert model.forward_head(feats, pre_logits=True).shape == (1, 64)
-    nwd = model.no_weight_decay()
-    assert "layers.0.blocks.0.op.A_logs" in nwd and "layers.0.blocks.0.op.dt_projs_bias" in nwd
+    # weight decay as the official optimizer: 1-D tensors skip it, the 2-D A_logs / dt_projs_bias do not
     opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    op = "layers.0.blocks.0.op."
+    assert {op + "A_logs", op + "dt_projs_bias", op + "x_proj_weight", op + "in_proj.weight"} <= decayed
+    assert not {op + "Ds", op + "out_norm.weight", "classifier.head.bias"} & decayed
     scales = sorted({g["lr_scale"] for g in opt.param_groups})
     assert len(scales) > 5 and scales[-1] == 1.0  # stem, each block, downsamplings, head
     model.reset_classifier(3)

@@ -258,8 +258,10 @@ class VMamba(nn.Module):
     # ---- timm model surface -------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """The SSM's A, D and dt bias never decay (timm also skips every 1-D tensor)."""
-        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in ("A_logs", "Ds", "dt_projs_bias")}
+        """Nothing beyond what timm skips anyway (every 1-D tensor: norms, biases, ``Ds``): the
+        official optimizer decays the 2-D ``A_logs`` and ``dt_projs_bias`` too, and the published
+        numbers were trained that way."""
+        return set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
