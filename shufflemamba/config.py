@@ -8,6 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .models import supports_token_shuffle
+
 
 class UserError(Exception):
     """Bad input from the user (config, paths, data): printed as one line, no traceback."""
@@ -48,8 +50,6 @@ def model_kwargs(model_cfg: DictConfig | dict[str, Any]) -> tuple[str, dict[str,
     The token-shuffle keys are dropped for families where the shuffle is undefined; asking
     for a shuffle there (``shuffle_rate > 0``) is a :class:`UserError`, never a silent no-op.
     """
-    from .models import supports_token_shuffle  # here: importing the models registers them with timm
-
     items = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
     name = items["name"]
     kwargs = {k: v for k, v in items.items() if v is not None and k not in _NOT_CONSTRUCTOR_ARGS}

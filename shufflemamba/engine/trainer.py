@@ -62,7 +62,6 @@ class Run:
         self.ckpt_dir = run_dir / "checkpoints"
         self.dist = D.init_distributed(cfg.trainer.device)
         setup_logging(run_dir, self.dist.is_main)
-        model_kwargs(cfg.model)  # model config errors surface before any data is read
         tcfg = cfg.trainer
         if tcfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -73,6 +72,11 @@ class Run:
         self.accum_steps = int(tcfg.grad_accum_steps)
         if self.accum_steps < 1:
             raise UserError("trainer.grad_accum_steps must be >= 1")
+
+        # model first: its config errors surface before any data is read (building the data draws no RNG)
+        self.model = build_model(cfg, self.dist.device)
+        if tcfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
 
         # data (rank 0 builds the cached file index first, the others then read it)
         if not self.dist.is_main:
@@ -98,10 +102,7 @@ class Run:
         self.batch_transform = DeviceBatchTransform(cfg.data, cfg.aug, self.dist.device, num_classes)
         self.eval_transform = DeviceBatchTransform(cfg.data, None, self.dist.device, num_classes)
 
-        # model, loss, optimizer, schedule, EMA
-        self.model = build_model(cfg, self.dist.device)
-        if tcfg.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+        # loss, optimizer, schedule, EMA
         if self.batch_transform.mixup is not None:
             self.criterion = SoftTargetCrossEntropy()
         elif cfg.aug.smoothing > 0:

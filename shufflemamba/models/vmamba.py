@@ -26,6 +26,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import Permute
 
 from ..ops import selective_scan
 from ..ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
@@ -95,9 +96,9 @@ class SS2D(nn.Module):
         batch, inner, height, width = x.shape
         length, k, n = height * width, NUM_DIRECTIONS, self.d_state
         xs = cross_scan(x)  # (B, K, E, L)
-        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)  # (B, K, R + 2N, L)
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts, Bs, Cs = x_dbl.split([self.dt_rank, n, n], dim=2)
-        delta = torch.matmul(self.dt_projs_weight.to(dts.dtype), dts)  # (B, K, E, L)
+        delta = torch.matmul(self.dt_projs_weight, dts)  # (B, K, E, L)
         ys = selective_scan(
             xs.reshape(batch, k * inner, length),
             delta.reshape(batch, k * inner, length),
@@ -136,26 +137,16 @@ class VSSBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class _ChannelsLast(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class _ChannelsFirst(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
-
-
 def _stem(in_chans: int, dim: int, eps: float) -> nn.Sequential:
     """Two 3x3 stride-2 convs with LN (GELU between); indices match the official "v2" stem."""
     return nn.Sequential(
         nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1),
-        _ChannelsLast(),
+        Permute([0, 2, 3, 1]),
         nn.LayerNorm(dim // 2, eps=eps),
-        _ChannelsFirst(),
+        Permute([0, 3, 1, 2]),
         nn.GELU(),
         nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1),
-        _ChannelsLast(),
+        Permute([0, 2, 3, 1]),
         nn.LayerNorm(dim, eps=eps),
     )
 
@@ -163,9 +154,9 @@ def _stem(in_chans: int, dim: int, eps: float) -> nn.Sequential:
 def _downsample(dim: int, out_dim: int, eps: float) -> nn.Sequential:
     """3x3 stride-2 conv + LN; indices match the official "v3" downsampling."""
     return nn.Sequential(
-        _ChannelsFirst(),
+        Permute([0, 3, 1, 2]),
         nn.Conv2d(dim, out_dim, 3, stride=2, padding=1),
-        _ChannelsLast(),
+        Permute([0, 2, 3, 1]),
         nn.LayerNorm(out_dim, eps=eps),
     )
 
