@@ -57,6 +57,7 @@ def _model(fused, **kw):
         embed_dim=64,
         depth=3,
         num_classes=10,
+        drop_path_rate=0.0,  # stochastic depth would draw differently in the two runs compared
         fused_directions=fused,
         **kw,
     ).cuda()
@@ -101,6 +102,7 @@ def test_ddp_world_size_one_under_torchrun_on_gpu(tmp_path):
 def test_vmamba_cuda_matches_torch_forward_and_backward(dtype, tol):
     """SS2D's four directions in one grouped mamba-ssm call (d_state 1) against the torch path."""
     torch.manual_seed(0)
-    model = timm.create_model("vmamba_tiny", dims=32, depths=(1, 2, 1, 1), num_classes=10).cuda()
+    # drop_path_rate=0: vmamba_tiny's default 0.2 drops different samples in the two runs compared
+    model = timm.create_model("vmamba_tiny", dims=32, depths=(1, 2, 1, 1), num_classes=10, drop_path_rate=0.0).cuda()
     x = torch.randn(4, 3, 64, 48, device="cuda")  # non-square: row- and column-major scans differ
     _assert_backends_agree(model, x, dtype, tol)
