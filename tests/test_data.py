@@ -11,7 +11,7 @@ from timm.data import auto_augment
 
 from shufflemamba.config import UserError
 from shufflemamba.data.datasets import FolderDataset, ImageFolderIndex, build_dataset
-from shufflemamba.data.loader import DeviceBatchTransform, collate_uint8
+from shufflemamba.data.loader import DeviceBatchTransform, build_eval_loader, collate_uint8, release_workers
 from shufflemamba.data.samplers import ResumableTrainSampler, ShardedEvalSampler
 from shufflemamba.data.transforms import build_eval_transform, build_train_transform, posterize_safe
 
@@ -138,6 +138,22 @@ def test_missing_or_empty_roots_are_user_errors(tmp_path):
         build_dataset(cfg, "train", None)
     with pytest.raises(UserError, match="data.root is not set"):
         build_dataset(OmegaConf.create({"kind": "imagenet", "root": "???", "num_classes": 2}), "train", None)
+
+
+def test_release_workers_stops_persistent_workers_and_the_loader_still_works():
+    """The exit fix for pytorch#81794: the workers must be gone after release, not left for atexit."""
+    cfg = OmegaConf.merge(
+        DATA,
+        {"kind": "fake", "img_size": 16, "num_val": 8, "num_classes": 4, "num_workers": 2, "pin_memory": False},
+    )
+    loader = build_eval_loader(build_dataset(cfg, "val", build_eval_transform(cfg)), cfg, 0, 1, batch_size=4)
+    first = torch.cat([labels for _, labels, _ in loader])
+    workers = list(loader._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)  # persistent: alive between epochs
+    release_workers(loader)
+    assert not any(w.is_alive() for w in workers) and loader._iterator is None
+    assert torch.equal(torch.cat([labels for _, labels, _ in loader]), first)  # a later epoch starts new workers
+    release_workers(loader)
 
 
 def test_demo_digits_split_is_fixed_and_stratified():

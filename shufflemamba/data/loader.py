@@ -46,6 +46,22 @@ def _loader(dataset: Dataset, sampler, batch_size: int, data_cfg: Any, drop_last
     )
 
 
+def release_workers(*loaders: DataLoader) -> None:
+    """Stop the loaders' persistent worker processes now, while the interpreter is intact.
+
+    With ``persistent_workers`` and ``pin_memory`` (our GPU setting), torch registers an atexit
+    join of every worker with a 5 s timeout but never tells them to stop first (pytorch#81794):
+    with a train and a val loader of 12 workers each, every train.py on GPU sat 2 minutes after
+    its last log line (measured on the H100). Shutting the iterator down sends each worker its
+    stop signal, so the atexit joins return at once.
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def build_train_loader(dataset: Dataset, data_cfg: Any, aug_cfg: Any, rank: int, world: int, seed: int):
     sampler = ResumableTrainSampler(
         len(dataset), int(data_cfg.batch_size), rank, world, repeats=int(aug_cfg.repeated_aug), seed=seed

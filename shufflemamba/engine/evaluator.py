@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..checkpoint import CheckpointError, load_weights, read_checkpoint, uses_ema
 from ..config import UserError
 from ..data.datasets import build_dataset
-from ..data.loader import DeviceBatchTransform, build_eval_loader
+from ..data.loader import DeviceBatchTransform, build_eval_loader, release_workers
 from ..data.transforms import build_eval_transform
 from . import distributed as D
 from .loop import evaluate
@@ -49,7 +49,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         def autocast():
             return torch.autocast(dist_info.device.type, dtype=amp, enabled=amp is not None)
 
-        result = evaluate(model, loader, transform, autocast, dist_info.device)
+        try:
+            result = evaluate(model, loader, transform, autocast, dist_info.device)
+        finally:
+            release_workers(loader)
         result.pop("correct1")
         result.update(
             checkpoint=str(cfg.checkpoint),

@@ -27,7 +27,7 @@ import shufflemamba  # noqa: F401  (registers the models with timm)
 
 from ..config import UserError, model_kwargs, to_plain
 from ..data.datasets import build_dataset, seed_everything_local
-from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_loader
+from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_loader, release_workers
 from ..data.transforms import build_eval_transform, build_train_transform
 from . import distributed as D
 from .loop import evaluate, train_one_epoch
@@ -311,4 +311,5 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         return run.fit()
     finally:
+        release_workers(run.train_loader, run.val_loader)
         D.cleanup()
