@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
+import pytest
 from conftest import TINY, run_script
 
 
@@ -23,14 +25,35 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         "1",
         "--models",
         "vim_tiny_patch16_224,vmamba_tiny,mambaout_tiny,deit_tiny_patch16_224",
+        "--mixer",
         "--out-dir",
         str(tmp_path),
     )
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"variant"')]
     variants = {"vim_tiny_patch16_224/torch", "vmamba_tiny/torch", "mambaout_tiny", "deit_tiny_patch16_224"}
     assert {r["variant"] for r in rows} == variants
     assert all(r["img_s"] > 0 for r in rows)
     assert (tmp_path / "benchmark.csv").is_file() and "| variant |" in (tmp_path / "benchmark.md").read_text()
+    with open(tmp_path / "benchmark.csv") as f:
+        table = {(r["variant"], r["mode"]): r for r in csv.DictReader(f)}
+    vim, deit = table["vim_tiny_patch16_224/torch", "train"], table["deit_tiny_patch16_224", "train"]
+    ratio = float(vim["img_s"]) / float(deit["img_s"])
+    assert float(vim["vs_deit"]) == pytest.approx(ratio) and vim["deit_ref"] == "deit_tiny_patch16_224"
+    mixer = [json.loads(line)["mixer"] for line in proc.stdout.splitlines() if line.startswith('{"mixer"')]
+    assert len(mixer) == 2 and all(m["fused_ms"] > 0 and m["unfused_ms"] > 0 for m in mixer)
+    assert "| fused (1 conv + 1 scan) |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_loader_benchmark_runs_the_deit_pipeline_on_synthetic_jpegs(tmp_path):
+    out = tmp_path / "loader.json"
+    run_script(
+        "scripts/benchmark_loader.py",
+        *("--num-images", "24", "--num-classes", "3", "--workers", "1", "--batch", "4", "--batches", "2"),
+        *("--json", str(out)),
+    )
+    result = json.loads(out.read_text())
+    assert result["images_per_s"] > 0 and result["batch_shape"] == [4, 3, 224, 224]
+    assert 50 < result["mean_jpeg_kb"] < 200  # ImageNet-like file sizes, not tiny or noise-sized
 
 
 def test_plot_metrics_draws_a_png(tmp_path):
