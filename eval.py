@@ -7,7 +7,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from shufflemamba.config import UserError, register_resolvers
+from shufflemamba.config import register_resolvers
+from shufflemamba.errors import UserError
 
 register_resolvers()
 

@@ -9,14 +9,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from shufflemamba.config import UserError, register_resolvers
+from shufflemamba.config import register_resolvers
+from shufflemamba.errors import NonFiniteLossError, StopRequested, UserError
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from shufflemamba.engine.loop import NonFiniteLossError, StopRequested
     from shufflemamba.engine.trainer import run_training
 
     try:

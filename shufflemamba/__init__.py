@@ -5,8 +5,7 @@
 """
 
 from . import models
-from .models import VisionMamba
-from .shuffle import LayerwiseShuffle
+from .models import LayerwiseShuffle, VisionMamba
 
 __version__ = "0.1.0"
 __all__ = ["LayerwiseShuffle", "VisionMamba", "models", "__version__"]

@@ -1,10 +1,18 @@
-"""Safe loading of model weights: our checkpoints, official Vim / ShuffleMamba / VMamba /
-MambaOut / DeiT files, raw state dicts.
+"""Checkpoint files, all of them: reading any weight file safely, loading weights into a model,
+and writing / restoring the resumable training state.
 
-Files are read with ``torch.load(weights_only=True)``; the only class allowed beyond
-tensors and plain containers is ``argparse.Namespace`` (official files pickle their
-``args``). A file that needs anything else is refused with the name of the global,
-never unpickled without restriction.
+Reading: files are opened with ``torch.load(weights_only=True)``; the only class allowed
+beyond tensors and plain containers is ``argparse.Namespace`` (official files pickle their
+``args``). A file that needs anything else is refused with the name of the global, never
+unpickled without restriction. Our own checkpoints hold only tensors and containers.
+
+Writing: to a temporary file in the same folder, fsync, rename over the old one, so a crash
+during a save never corrupts the previous checkpoint.
+
+The training state is declared once, as a :class:`TrainingState` of named components that
+each have ``state_dict`` / ``load_state_dict`` (the pattern of
+``torch.distributed.checkpoint.stateful.Stateful``): the same list is saved and restored, so a
+new component cannot be saved and forgotten on resume.
 """
 
 from __future__ import annotations
@@ -15,18 +23,28 @@ import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from timm.models import clean_state_dict
 from torch import Tensor, nn
 
-from .models.state_dict import unwrap_state_dict
+from .errors import CheckpointError
 
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+_WRAPPER_KEYS = ("model", "state_dict")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model."""
+__all__ = [
+    "CheckpointError",
+    "Stateful",
+    "TrainingState",
+    "load_weights",
+    "read_checkpoint",
+    "save_atomic",
+    "select_state_dict",
+    "unwrap_state_dict",
+    "uses_ema",
+]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -77,6 +95,16 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool | None = None
     raise CheckpointError(f"checkpoint has no 'model' weights (keys: {sorted(checkpoint)})")
 
 
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``{"model": sd}`` / ``{"state_dict": sd}`` / a raw state dict -> the state dict, with the DDP
+    and torch.compile prefixes removed (timm's ``clean_state_dict``)."""
+    for key in _WRAPPER_KEYS:
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    return clean_state_dict(dict(checkpoint))
+
+
 def filter_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
     """Unwrapped weights, converted by the model family's ``checkpoint_filter_fn`` when its module
     has one (ours: pos-embed resize, 1x1-conv weights; timm's: e.g. MambaOut's original names)."""
@@ -113,3 +141,68 @@ def load_weights(
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return checkpoint
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file in ``path``'s folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Stateful(Protocol):
+    """What a training-state component provides (as modules, optimizers and schedulers do)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+class TrainingState:
+    """Everything a run needs to resume, declared once: ``{key: component}``.
+
+    ``state_dict()`` asks every component (collectively, if a component gathers over ranks) and
+    adds ``extra`` entries for readers other than resume (eval reads ``best_weights``, people
+    read ``config``); ``load_state_dict()`` restores every component and fails with the names
+    of any it cannot find, so a checkpoint written without a component is never half-resumed.
+    """
+
+    def __init__(self, components: Mapping[str, Stateful]) -> None:
+        self.components = dict(components)
+
+    def state_dict(self, **extra: Any) -> dict[str, Any]:
+        clash = set(extra) & set(self.components)
+        if clash:
+            raise ValueError(f"extra checkpoint entries {sorted(clash)} would overwrite training-state components")
+        return {**{key: c.state_dict() for key, c in self.components.items()}, **extra}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = [key for key in self.components if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"not a resumable checkpoint of this run: no {missing} (keys: {sorted(state)}); "
+                f"start a new run or fine-tune from its weights instead"
+            )
+        for key, component in self.components.items():
+            component.load_state_dict(state[key])
+
+    def save(self, paths: list[Path], **extra: Any) -> None:
+        """Write the same state to each path (atomically). Call on every rank: components may
+        gather across ranks; ``paths`` is empty on ranks that do not write."""
+        state = self.state_dict(**extra)
+        for path in paths:
+            save_atomic(state, path)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore every component from ``path``; returns the whole file (its extra entries too)."""
+        state = read_checkpoint(path)
+        self.load_state_dict(state)
+        return state

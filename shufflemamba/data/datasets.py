@@ -9,11 +9,9 @@ it; that is what makes mid-epoch resume exact.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +21,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from ..config import UserError
+from ..errors import UserError
+from ..rng import preserved_rng, seed_all
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def seed_everything_local(seed: int) -> None:
-    """Seed this process's python, numpy and torch generators (per sample, in workers)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _main_process_rng_preserved():
-    """With num_workers=0 samples load in the main process: keep its RNG stream untouched."""
-    if get_worker_info() is not None:
-        yield
-        return
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
 
 
 class _SeededDataset(Dataset):
@@ -67,8 +44,10 @@ class _SeededDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is None:
             return self._load_transformed(index)
-        with _main_process_rng_preserved():
-            seed_everything_local(int(seed))
+        # In a worker the generators are the worker's own; with num_workers=0 samples load in
+        # the main process, whose RNG stream must stay untouched.
+        with preserved_rng(enabled=get_worker_info() is None):
+            seed_all(int(seed))
             return self._load_transformed(index)
 
     def _load_transformed(self, index: int):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -13,8 +12,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .samplers import ResumableTrainSampler, ShardedEvalSampler
-
-log = logging.getLogger(__name__)
 
 
 def collate_uint8(batch: list[tuple[Any, Any]]) -> tuple[Tensor, Tensor, list[str]]:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from ..errors import UserError
+
 
 class ResumableTrainSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, seed)`` for this rank; the order is a function of (seed, epoch) only."""
@@ -22,8 +24,9 @@ class ResumableTrainSampler(Sampler[tuple[int, int]]):
         self, dataset_len: int, batch_size: int, rank: int = 0, world_size: int = 1, repeats: int = 1, seed: int = 0
     ) -> None:
         if dataset_len < world_size * batch_size:
-            raise ValueError(
-                f"{dataset_len} training images cannot fill one batch of {batch_size} on each of {world_size} ranks"
+            raise UserError(
+                f"{dataset_len} training images cannot fill one batch of {batch_size} on each of {world_size} "
+                f"rank(s): lower data.batch_size to at most {max(dataset_len // world_size, 1)} or add images"
             )
         self.dataset_len, self.batch_size = dataset_len, batch_size
         self.rank, self.world_size = rank, world_size

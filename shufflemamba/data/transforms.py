@@ -1,7 +1,8 @@
 """Image transforms: timm's DeiT recipe and eval pipeline, returning uint8 CHW tensors.
 
 Normalisation, random erasing and mixup happen later, on the device, on whole batches
-(:mod:`shufflemamba.data.device_ops`): workers ship 4x fewer bytes and spend ~30% less CPU.
+(:class:`shufflemamba.data.loader.DeviceBatchTransform`): workers ship 4x fewer bytes and
+spend ~30% less CPU.
 
 Also fixes a crash of the recipe on Pillow >= 13: with ``mstd0.5`` RandAugment's magnitude
 can reach 10, ``PosterizeIncreasing`` then asks to keep 0 bits, which Pillow 13 rejects
@@ -53,12 +54,12 @@ def build_train_transform(data_cfg: Any, aug_cfg: Any):
     )
 
 
-def build_eval_transform(data_cfg: Any, crop_pct: float | None = None):
+def build_eval_transform(data_cfg: Any):
     """Resize to img_size / crop_pct, centre crop img_size -> uint8 CHW tensor."""
     return create_transform(
         input_size=data_cfg.img_size,
         is_training=False,
-        crop_pct=crop_pct if crop_pct is not None else data_cfg.crop_pct,
+        crop_pct=data_cfg.crop_pct,
         interpolation=data_cfg.interpolation,
         use_prefetcher=True,
     )

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     NCCL on GPU, gloo on CPU. Without torchrun: a single process."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
-        from ..config import UserError
-
         raise UserError("trainer.device=cuda but torch sees no GPU; use trainer.device=cpu or auto")
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -80,17 +81,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over ranks (float64, so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: Tensor | list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks (float64, so counts stay exact); one host sync to read them."""
+    t = (
+        values.to(device, torch.float64)
+        if isinstance(values, Tensor)
+        else torch.tensor(values, dtype=torch.float64, device=device)
+    )
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Logical OR of each flag over ranks, in one collective (every rank gets the same answer)."""
-    t = torch.tensor([float(f) for f in flags], device=device)
+def any_rank(flags: Tensor | list[bool], device: torch.device) -> list[bool]:
+    """Logical OR of each flag over ranks, in one collective (every rank gets the same answer).
+
+    Flags may already live on the device (no host sync until the answer is read)."""
+    t = (
+        flags.to(device, torch.float32)
+        if isinstance(flags, Tensor)
+        else torch.tensor([float(f) for f in flags], device=device)
+    )
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]

@@ -1,6 +1,11 @@
-"""Builds a training run from the config and drives the epochs (DeiT's main.py, made resumable).
+"""The training run: built from the config, it owns the epochs, the step, evaluation and its
+checkpoints (torchtitan's Trainer shape; DeiT's main.py + engine.py, made resumable).
 
-Everything a step needs lives on :class:`Run`; the step itself is in :mod:`.loop`.
+Every line of a step is in :meth:`Trainer.train_epoch`: device-side augmentation, autocast,
+accumulation, the cross-rank agreement on non-finite losses and stop requests (one collective
+and one host sync per update), clipping, the scaler, the optimizer, EMA, the per-update lr,
+logging and periodic checkpoints. What a run resumes from is declared once, in
+:meth:`Trainer._training_state`.
 """
 
 from __future__ import annotations
@@ -10,54 +15,101 @@ import logging
 import os
 import signal
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV3
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import shufflemamba  # noqa: F401  (registers the models with timm)
-
-from ..config import UserError, model_kwargs, to_plain
-from ..data.datasets import build_dataset, seed_everything_local
-from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_loader, release_workers
-from ..data.transforms import build_eval_transform, build_train_transform
+from ..checkpoint import TrainingState
+from ..config import to_plain, validate
+from ..data.loader import release_workers
+from ..errors import NonFiniteLossError, StopRequested, UserError
+from ..rng import capture_rng, restore_rng, seed_all
 from . import distributed as D
-from .loop import evaluate, train_one_epoch
-from .state import capture_rng, load_training_checkpoint, restore_rng, save_atomic
+from .builders import (
+    build_criterion,
+    build_ema,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_train_data,
+    resolve_precision,
+    scaled_lr,
+)
+from .evaluator import evaluate
 from .tracking import MetricsWriter, setup_logging, start_wandb, upload_artifact
 
 log = logging.getLogger("shufflemamba")
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """None means fp32 (no autocast). ``auto``: bf16 on GPU, fp32 on CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if precision not in table:
-        raise UserError(f"trainer.precision must be auto, bf16, fp16 or fp32, got {precision!r}")
-    return table[precision]
+@dataclass
+class RunProgress:
+    """Where the run is: the counters a resume continues from."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, with step_in_epoch 0)
+    step_in_epoch: int = 0  # batches of that epoch already trained
+    global_step: int = 0  # optimizer updates so far
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    nonfinite_steps: int = 0
+    wandb_run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
-def build_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
-    name, kwargs = model_kwargs(cfg.model)
-    if name not in timm.list_models():
-        raise UserError(f"unknown model {name!r}: not a timm model name (configured families: conf/model/*.yaml)")
-    return timm.create_model(name, **kwargs).to(device)
+class RankGenerators:
+    """Every rank's python / numpy / torch generators (gathered on save: a collective).
+
+    Restored exactly on the same world size; on another, each rank keeps its fresh seeding
+    and the mismatch is logged (model-side draws such as drop path restart their streams).
+    """
+
+    def __init__(self, dist: D.DistInfo) -> None:
+        self.dist = dist
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"world_size": self.dist.world_size, "per_rank": D.gather_objects(capture_rng())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] == self.dist.world_size:
+            restore_rng(state["per_rank"][self.dist.rank])
+        else:
+            log.warning(
+                "resuming on %d ranks from a %d-rank run: RNG streams restart",
+                self.dist.world_size,
+                state["world_size"],
+            )
 
 
-class Run:
-    """All state of one training run, on one rank."""
+@dataclass
+class EpochStats:
+    loss: float  # mean finite training loss over the epoch's micro-batches (all ranks)
+    images_per_sec: float
+    seconds: float
+    skipped_images: int
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class Trainer:
+    """One training run on one rank: built from ``cfg``, resumed from ``run_dir``'s last.pt."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        validate(cfg)
         self.cfg, self.run_dir = cfg, run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.dist = D.init_distributed(cfg.trainer.device)
@@ -67,7 +119,7 @@ class Run:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        seed_everything_local(tcfg.seed + self.dist.rank)  # ranks draw independently (drop path, shuffle)
+        seed_all(tcfg.seed + self.dist.rank)  # ranks draw independently (drop path, shuffle)
         self.amp_dtype = resolve_precision(tcfg.precision, self.dist.device)
         self.accum_steps = int(tcfg.grad_accum_steps)
         if self.accum_steps < 1:
@@ -77,60 +129,14 @@ class Run:
         self.model = build_model(cfg, self.dist.device)
         if tcfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-
-        # data (rank 0 builds the cached file index first, the others then read it)
-        if not self.dist.is_main:
-            D.barrier()
-        train_set = build_dataset(
-            cfg.data, "train", build_train_transform(cfg.data, cfg.aug), is_main=self.dist.is_main
-        )
-        val_set = build_dataset(cfg.data, "val", build_eval_transform(cfg.data), is_main=self.dist.is_main)
-        if self.dist.is_main:
-            D.barrier()
-        self.train_loader, self.train_sampler = build_train_loader(
-            train_set, cfg.data, cfg.aug, self.dist.rank, self.dist.world_size, tcfg.seed
-        )
-        usable = self.train_sampler.batches_per_epoch // self.accum_steps * self.accum_steps
-        if tcfg.max_steps_per_epoch:
-            usable = min(usable, int(tcfg.max_steps_per_epoch) * self.accum_steps)
-        if usable == 0:
-            raise UserError("no full optimizer step fits in an epoch: lower data.batch_size or grad_accum_steps")
-        self.train_sampler.batches_per_epoch = usable
-        self.updates_per_epoch = usable // self.accum_steps
-        self.val_loader = build_eval_loader(val_set, cfg.data, self.dist.rank, self.dist.world_size)
-        num_classes = cfg.data.num_classes
-        self.batch_transform = DeviceBatchTransform(cfg.data, cfg.aug, self.dist.device, num_classes)
-        self.eval_transform = DeviceBatchTransform(cfg.data, None, self.dist.device, num_classes)
-
-        # loss, optimizer, schedule, EMA
-        if self.batch_transform.mixup is not None:
-            self.criterion = SoftTargetCrossEntropy()
-        elif cfg.aug.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(cfg.aug.smoothing)
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss()
+        self.data = build_train_data(cfg, self.dist, self.accum_steps)
+        self.criterion = build_criterion(cfg.aug, mixes_labels=self.data.train_transform.mixup is not None)
         self.global_batch = cfg.data.batch_size * self.dist.world_size * self.accum_steps
-        self.lr = cfg.optim.base_lr * self.global_batch / 512
-        self.optimizer = create_optimizer_v2(
-            self.model,
-            opt=cfg.optim.name,
-            lr=self.lr,
-            weight_decay=cfg.optim.weight_decay,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            layer_decay=cfg.optim.layer_decay,
-        )
-        total_updates = self.updates_per_epoch * tcfg.epochs
-        self.scheduler = CosineLRScheduler(
-            self.optimizer,
-            t_initial=total_updates,
-            lr_min=cfg.sched.min_lr,
-            warmup_t=int(cfg.sched.warmup_epochs * self.updates_per_epoch),
-            warmup_lr_init=cfg.sched.warmup_lr,
-            t_in_epochs=False,
-        )
+        self.lr = scaled_lr(cfg.optim, self.global_batch)
+        self.optimizer = build_optimizer(cfg.optim, self.model, self.lr)
+        self.scheduler = build_scheduler(cfg.sched, self.optimizer, tcfg.epochs, self.data.updates_per_epoch)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = ModelEmaV3(self.model, decay=tcfg.ema.decay) if tcfg.ema.enabled else None
+        self.ema = build_ema(tcfg, self.model)
 
         self.train_model: Any = self.model
         if self.dist.distributed:
@@ -140,65 +146,45 @@ class Run:
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
 
-        self.epoch, self.start_batch, self.global_step = 0, 0, 0
-        self.best_top1, self.best_epoch = -1.0, -1
-        self.nonfinite_steps = self.consecutive_nonfinite = 0
-        self.wandb_id: str | None = None
+        self.progress = RunProgress()
+        self.consecutive_nonfinite = 0
         self.stop_requested = False
         self.config_plain = to_plain(cfg)
+        self.state = self._training_state()
         self._resume()
 
-        self.wandb = start_wandb(cfg.logger, run_dir, self.config_plain, self.wandb_id) if self.dist.is_main else None
+        self.wandb = None
+        if self.dist.is_main:
+            self.wandb = start_wandb(cfg.logger, run_dir, self.config_plain, self.progress.wandb_run_id)
         if self.wandb is not None:
-            self.wandb_id = self.wandb.id
+            self.progress.wandb_run_id = self.wandb.id
         self.metrics = MetricsWriter(run_dir, self.dist.world_size, self.dist.is_main, self.wandb)
 
-    # ---- helpers used by the loop ---------------------------------------------------------
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
-
-    def progress(self, total: int, initial: int, desc: str):
-        enabled = self.dist.is_main and self.cfg.trainer.progress_bar and sys.stderr.isatty()
-        return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
-
-    def request_stop(self, signum: int, _frame: Any) -> None:
-        log.warning("received signal %d: will checkpoint at the next step and exit", signum)
-        self.stop_requested = True
-
     # ---- checkpoints ----------------------------------------------------------------------
-    def _state(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
-        rng = D.gather_objects(capture_rng())  # every rank's generators, indexed by rank
-        return {
-            "model": self.model.state_dict(),
-            "model_ema": self.ema.module.state_dict() if self.ema is not None else {},
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": self.global_step,
-            "sampler": {"epoch": epoch, "start_batch": step_in_epoch, "seed": self.train_sampler.seed},
-            "rng": rng,
-            "world_size": self.dist.world_size,
-            "best_top1": self.best_top1,
-            "best_epoch": self.best_epoch,
-            "best_weights": self._best_source(),
-            "nonfinite_steps": self.nonfinite_steps,
-            "config": self.config_plain,
-            "wandb_run_id": self.wandb_id,
-        }
+    def _training_state(self) -> TrainingState:
+        """The one declaration of what a checkpoint saves and a resume restores."""
+        components: dict[str, Any] = {"model": self.model}
+        if self.ema is not None:
+            components["model_ema"] = self.ema.module
+        components.update(
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            scaler=self.scaler,
+            progress=self.progress,
+            rng=RankGenerators(self.dist),
+        )
+        return TrainingState(components)
 
-    def _best_source(self) -> str:
+    def best_source(self) -> str:
+        """Which weights' val top-1 picks best.pt (and which eval.py scores by default)."""
         return "ema" if (self.cfg.trainer.best_by == "ema" and self.ema is not None) else "raw"
 
-    def save_checkpoint(self, epoch: int, step_in_epoch: int, best: bool = False) -> None:
-        state = self._state(epoch, step_in_epoch)  # collective: every rank takes part
+    def save_checkpoint(self, best: bool = False) -> None:
+        """last.pt (and best.pt) at the current progress; a collective: every rank calls it."""
+        paths = []
         if self.dist.is_main:
-            save_atomic(state, self.ckpt_dir / "last.pt")
-            if best:
-                save_atomic(state, self.ckpt_dir / "best.pt")
+            paths = [self.ckpt_dir / "last.pt"] + ([self.ckpt_dir / "best.pt"] if best else [])
+        self.state.save(paths, best_weights=self.best_source(), config=self.config_plain)
         D.barrier()
 
     def _resume(self) -> None:
@@ -210,106 +196,243 @@ class Run:
             if resume != "auto":
                 raise UserError(f"trainer.resume: checkpoint not found: {path}")
             return
-        state = load_training_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("model_ema"):
-            self.ema.module.load_state_dict(state["model_ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.start_batch = state["epoch"], state["step_in_epoch"]
-        self.global_step = state["global_step"]
-        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
-        self.nonfinite_steps = state["nonfinite_steps"]
-        self.wandb_id = state.get("wandb_run_id")
-        if state["world_size"] == self.dist.world_size:
-            restore_rng(state["rng"][self.dist.rank])
-        else:
-            log.warning(
-                "resuming on %d ranks from a %d-rank run: RNG streams restart",
-                self.dist.world_size,
-                state["world_size"],
+        self.state.load(path)
+        self.scheduler.step_update(num_updates=self.progress.global_step)
+        p = self.progress
+        log.info("resumed from %s: epoch %d, batch %d, update %d", path, p.epoch, p.step_in_epoch, p.global_step)
+
+    # ---- the step -------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+
+    def _progress_bar(self, total: int, initial: int, desc: str) -> tqdm:
+        enabled = self.dist.is_main and self.cfg.trainer.progress_bar and sys.stderr.isatty()
+        return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+    def request_stop(self, signum: int, _frame: Any) -> None:
+        log.warning("received signal %d: will checkpoint at the next step and exit", signum)
+        self.stop_requested = True
+
+    def _skip_update(self) -> None:
+        """A non-finite loss on some rank: drop this update's gradients everywhere."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        log.warning(
+            "non-finite loss at update %d: step skipped (%d in a row, %d in total)",
+            self.progress.global_step,
+            self.consecutive_nonfinite,
+            self.progress.nonfinite_steps,
+        )
+        if self.consecutive_nonfinite >= self.cfg.trainer.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive non-finite losses; stopping. The last good "
+                f"checkpoint is {self.ckpt_dir / 'last.pt'} (try a lower lr, trainer.clip_grad, or bf16 over fp16)"
             )
-        self.scheduler.step_update(num_updates=self.global_step)
-        log.info("resumed from %s: epoch %d, batch %d, update %d", path, self.epoch, self.start_batch, self.global_step)
+
+    def _apply_update(self) -> None:
+        self.consecutive_nonfinite = 0
+        clip = self.cfg.trainer.clip_grad
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.global_step)
+
+    def train_epoch(self, epoch: int, start_batch: int) -> EpochStats:
+        """Train ``epoch`` from batch ``start_batch``; checkpoints every
+        ``trainer.checkpoint_every_steps`` updates and, on a stop request, checkpoints and raises
+        :class:`StopRequested`."""
+        tcfg, device, model = self.cfg.trainer, self.dist.device, self.train_model
+        sampler, accum = self.data.train_sampler, self.accum_steps
+        model.train()
+        sampler.set_epoch(epoch, start_batch)
+        batches = sampler.batches_per_epoch
+        # Device-side accumulators: nothing in a micro-batch waits for the host.
+        window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite count (log window)
+        epoch_sums = torch.zeros(2, dtype=torch.float64, device=device)  # the same over the epoch
+        bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this update
+        skipped_images, epoch_images = 0, 0
+        window_start = epoch_start = time.perf_counter()
+        window_images = 0
+        bar = self._progress_bar(batches, start_batch, f"epoch {epoch}")
+
+        for batch_idx, (images, labels, failed) in enumerate(self.data.train_loader, start=start_batch):
+            for name in failed:
+                log.warning("skipped undecodable image: %s", name)
+            skipped_images += len(failed)
+            images, labels = self.data.train_transform(images, labels)
+            is_update = (batch_idx + 1) % accum == 0
+            no_sync = model.no_sync() if (self.dist.distributed and not is_update) else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    loss = self.criterion(model(images), labels)
+                finite = torch.isfinite(loss.detach())
+                bad |= ~finite
+                self.scaler.scale(loss / accum).backward()
+            window += torch.stack([torch.where(finite, loss.detach().double(), 0.0), finite.double()])
+            window_images += images.shape[0]
+            if not is_update:
+                continue
+
+            # One collective, one host sync per update: any rank's NaN skips the step everywhere.
+            flags = torch.stack([bad, torch.tensor(self.stop_requested, device=device)])
+            any_bad, stop = D.any_rank(flags, device)
+            bad.zero_()
+            if any_bad:
+                self._skip_update()
+            else:
+                self._apply_update()
+            self.progress.global_step += 1
+            self.scheduler.step_update(num_updates=self.progress.global_step)
+
+            if self.progress.global_step % tcfg.log_every_steps == 0 or batch_idx + 1 == batches:
+                elapsed = time.perf_counter() - window_start
+                loss_sum, count = D.all_reduce_sum(window, device)
+                epoch_sums += window
+                img_s = window_images * self.dist.world_size / max(elapsed, 1e-9)
+                row = {
+                    "split": "train",
+                    "epoch": epoch,
+                    "step": self.progress.global_step,
+                    "loss": loss_sum / max(count, 1),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "img_per_sec": img_s,
+                    "nonfinite_steps": self.progress.nonfinite_steps,
+                }
+                self.metrics.write(row, step=self.progress.global_step)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{img_s:.0f}")
+                window.zero_()
+                epoch_images += window_images
+                window_start, window_images = time.perf_counter(), 0
+            bar.update(accum)
+
+            every = tcfg.checkpoint_every_steps
+            if stop or (every and self.progress.global_step % every == 0 and self.consecutive_nonfinite == 0):
+                self.progress.epoch, self.progress.step_in_epoch = epoch, batch_idx + 1
+                self.save_checkpoint()
+            if stop:
+                bar.close()
+                raise StopRequested(f"stop requested: checkpoint written at epoch {epoch}, batch {batch_idx + 1}")
+        bar.close()
+        seconds = time.perf_counter() - epoch_start
+        loss_sum, count, skipped = D.all_reduce_sum(
+            torch.cat([epoch_sums, torch.tensor([float(skipped_images)], dtype=torch.float64, device=device)]), device
+        )
+        if skipped:
+            log.warning("epoch %d: %d undecodable images skipped", epoch, int(skipped))
+        return EpochStats(
+            loss=loss_sum / max(count, 1),
+            images_per_sec=epoch_images * self.dist.world_size / max(seconds, 1e-9),
+            seconds=seconds,
+            skipped_images=int(skipped),
+        )
 
     # ---- the run --------------------------------------------------------------------------
+    def _log_setup(self) -> None:
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters())
+        OmegaConf.save(OmegaConf.create(self.config_plain), self.run_dir / "config.yaml")
+        log.info("run dir %s", self.run_dir.resolve())
+        log.info(
+            "model %s: %.2fM params | world %d x batch %d x accum %d = global batch %d | lr %.3g (base %.3g)",
+            cfg.model.name,
+            n_params / 1e6,
+            self.dist.world_size,
+            cfg.data.batch_size,
+            self.accum_steps,
+            self.global_batch,
+            self.lr,
+            cfg.optim.base_lr,
+        )
+        self.metrics.write(
+            {
+                "split": "setup",
+                "global_batch": self.global_batch,
+                "lr": self.lr,
+                "params": n_params,
+                "updates_per_epoch": self.data.updates_per_epoch,
+            }
+        )
+
     def fit(self) -> dict[str, Any]:
-        cfg, tcfg = self.cfg, self.cfg.trainer
+        tcfg = self.cfg.trainer
         if self.dist.is_main:
-            OmegaConf.save(OmegaConf.create(self.config_plain), self.run_dir / "config.yaml")
-            n_params = sum(p.numel() for p in self.model.parameters())
-            log.info("run dir %s", self.run_dir.resolve())
-            log.info(
-                "model %s: %.2fM params | world %d x batch %d x accum %d = global batch %d | lr %.3g (base %.3g)",
-                cfg.model.name,
-                n_params / 1e6,
-                self.dist.world_size,
-                cfg.data.batch_size,
-                self.accum_steps,
-                self.global_batch,
-                self.lr,
-                cfg.optim.base_lr,
-            )
-            self.metrics.write(
-                {
-                    "split": "setup",
-                    "global_batch": self.global_batch,
-                    "lr": self.lr,
-                    "params": n_params,
-                    "updates_per_epoch": self.updates_per_epoch,
-                }
-            )
+            self._log_setup()
         for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", signal.SIGTERM)):
             signal.signal(sig, self.request_stop)
 
         last_eval: dict[str, Any] = {}
-        for epoch in range(self.epoch, tcfg.epochs):
-            info = train_one_epoch(self, epoch, self.start_batch if epoch == self.epoch else 0)
+        first_epoch, epoch_seconds = self.progress.epoch, []
+        for epoch in range(first_epoch, tcfg.epochs):
+            stats = self.train_epoch(epoch, self.progress.step_in_epoch if epoch == first_epoch else 0)
+            epoch_seconds.append(stats.seconds)
+            eta = (tcfg.epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds)
+            summary = (
+                f"epoch {epoch}: train loss {stats.loss:.4f} | {stats.images_per_sec:.0f} img/s | "
+                f"{stats.seconds:.1f} s (ETA {_clock(eta)})"
+            )
             if (epoch + 1) % tcfg.eval_every_epochs == 0 or epoch + 1 == tcfg.epochs:
-                last_eval = self._evaluate_epoch(epoch, info)
+                last_eval = self._evaluate_epoch(epoch, stats)
+                summary += " | val top-1 " + " ".join(
+                    f"{w} {last_eval[f'{w}_top1']:.2f}%" for w in last_eval["weights"]
+                )
+                summary += f" | best {self.progress.best_top1:.2f}% (epoch {self.progress.best_epoch})"
+            log.info(summary)
             is_best = bool(last_eval) and last_eval["epoch"] == epoch and last_eval["best"]
-            self.save_checkpoint(epoch=epoch + 1, step_in_epoch=0, best=is_best)
+            self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+            self.save_checkpoint(best=is_best)
         if self.dist.is_main:
             log.info(
                 "done: best val top-1 %.2f%% (%s weights, epoch %d)",
-                self.best_top1,
-                self._best_source(),
-                self.best_epoch,
+                self.progress.best_top1,
+                self.best_source(),
+                self.progress.best_epoch,
             )
             if self.wandb is not None:
-                if cfg.logger.get("upload_best") and (self.ckpt_dir / "best.pt").is_file():
-                    upload_artifact(self.wandb, self.ckpt_dir / "best.pt", f"{cfg.name}-best")
+                if self.cfg.logger.get("upload_best") and (self.ckpt_dir / "best.pt").is_file():
+                    upload_artifact(self.wandb, self.ckpt_dir / "best.pt", f"{self.cfg.name}-best")
                 self.wandb.finish()
-        return {"best_top1": self.best_top1, "best_epoch": self.best_epoch, **last_eval}
+        last_eval.pop("weights", None)
+        return {"best_top1": self.progress.best_top1, "best_epoch": self.progress.best_epoch, **last_eval}
 
-    def _evaluate_epoch(self, epoch: int, info: dict[str, Any]) -> dict[str, Any]:
-        results = {"raw": evaluate(self.model, self.val_loader, self.eval_transform, self.autocast, self.dist.device)}
+    def _evaluate_epoch(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
+        loader, transform, device = self.data.val_loader, self.data.eval_transform, self.dist.device
+        results = {"raw": evaluate(self.model, loader, transform, self.autocast, device)}
         if self.ema is not None:
-            results["ema"] = evaluate(
-                self.ema.module, self.val_loader, self.eval_transform, self.autocast, self.dist.device
-            )
+            results["ema"] = evaluate(self.ema.module, loader, transform, self.autocast, device)
+        train = {"train_loss": stats.loss, "train_img_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds}
         for weights, r in results.items():
-            self.metrics.write({"split": "val", "epoch": epoch, "weights": weights, **r, **info}, step=self.global_step)
-        source = self._best_source()
-        top1 = results[source]["top1"]
-        best = top1 > self.best_top1
+            row = {"split": "val", "epoch": epoch, "weights": weights, **r, **train}
+            self.metrics.write({**row, "skipped_images": stats.skipped_images}, step=self.progress.global_step)
+        top1 = results[self.best_source()]["top1"]
+        best = top1 > self.progress.best_top1
         if best:
-            self.best_top1, self.best_epoch = top1, epoch
-        log.info(
-            "epoch %d: val top-1 %s | best %.2f%% (epoch %d)",
-            epoch,
-            " ".join(f"{w} {r['top1']:.2f}%" for w, r in results.items()),
-            self.best_top1,
-            self.best_epoch,
-        )
-        return {"epoch": epoch, "best": best, "top1": top1, **{f"{w}_top1": r["top1"] for w, r in results.items()}}
+            self.progress.best_top1, self.progress.best_epoch = top1, epoch
+        return {
+            "epoch": epoch,
+            "best": best,
+            "top1": top1,
+            "weights": list(results),
+            **{f"{w}_top1": r["top1"] for w, r in results.items()},
+        }
+
+    def close(self) -> None:
+        """Stop the loaders' workers now (not at interpreter exit, see ``release_workers``)."""
+        release_workers(self.data.train_loader, self.data.val_loader)
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    run = Run(cfg, run_dir)
+    trainer = None
     try:
-        return run.fit()
+        trainer = Trainer(cfg, run_dir)
+        return trainer.fit()
     finally:
-        release_workers(run.train_loader, run.val_loader)
+        if trainer is not None:
+            trainer.close()
         D.cleanup()

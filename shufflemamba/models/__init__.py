@@ -4,7 +4,8 @@ Ours: Vim / ShuffleMamba (:mod:`.vim`) and VMamba (:mod:`.vmamba`). MambaOut and
 timm's own implementations, used as they are.
 """
 
-from .vim import MODEL_SIZES, BiMambaMixer, MambaBlock, VisionMamba, checkpoint_filter_fn, resize_pos_embed
+from .shuffle import LayerwiseShuffle
+from .vim import VIM_SIZES, BiMambaMixer, MambaBlock, VisionMamba, checkpoint_filter_fn, resize_pos_embed
 from .vmamba import SS2D, VMAMBA_SIZES, VMamba, VSSBlock
 
 
@@ -12,14 +13,15 @@ def supports_token_shuffle(model_name: str) -> bool:
     """The layer-wise token shuffle is defined for plain sequence models (Vim / ShuffleMamba):
     a token order to permute and restore around each block. Hierarchical 2-D models
     (VMamba, MambaOut) and timm's ViTs have no such hook."""
-    return model_name in MODEL_SIZES
+    return model_name in VIM_SIZES
 
 
 __all__ = [
-    "MODEL_SIZES",
     "SS2D",
+    "VIM_SIZES",
     "VMAMBA_SIZES",
     "BiMambaMixer",
+    "LayerwiseShuffle",
     "MambaBlock",
     "VMamba",
     "VSSBlock",

@@ -17,15 +17,14 @@ from typing import Any, Literal
 
 import torch
 from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import causal_conv1d, selective_scan
-from ..shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
-from .registry import imagenet_cfg, register_sizes
+from .pretrained_cfg import imagenet_cfg
+from .shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
 from .ssm_init import init_dt_projection_, s4d_real_log_a
-from .state_dict import unwrap_state_dict
 
 __all__ = ["BiMambaMixer", "MambaBlock", "VisionMamba", "checkpoint_filter_fn", "resize_pos_embed"]
 
@@ -362,13 +361,12 @@ class VisionMamba(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionMamba) -> dict[str, Tensor]:
-    """Official Vim / ShuffleMamba checkpoint (or a raw/DDP state dict) -> this model's state dict.
-
-    Unwraps ``model`` / ``state_dict``, strips ``module.``, and resizes the position
-    embedding to the model's grid. Names are already the official ones.
+    """An official Vim / ShuffleMamba state dict (already unwrapped, as timm and
+    :func:`shufflemamba.checkpoint.load_weights` pass it) -> this model's: the position
+    embedding resized to the model's grid. Names are already the official ones.
     """
     out = {}
-    for name, value in unwrap_state_dict(state_dict).items():
+    for name, value in state_dict.items():
         if name == "pos_embed" and value.shape != model.pos_embed.shape:
             value = resize_pos_embed(value, model.patch_embed.grid_size, None, model.cls_position)
         out[name] = value
@@ -400,11 +398,12 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# name: (embed_dim, depth, rms_norm, cls_position, shuffle_rate, drop_path_rate)
+# name: (embed_dim, depth, rms_norm, cls_position, shuffle_rate, drop_path_rate). The one home of
+# each size's rates: model YAMLs leave them null, recipes (conf/experiment) override.
 # Published: ShuffleMamba-B shuffle 0.5 / drop path 0.5; Vim-T 0.0 and Vim-S 0.05 drop path.
 # Our choice where nothing is published: both rates grow with model size (T 0.1/0.0,
 # S 0.2/0.05, M 0.4/0.4, L 0.6/0.6), and Vim-B uses drop path 0.1.
-MODEL_SIZES: dict[str, tuple[int, int, bool, ClsPosition, float, float]] = {
+VIM_SIZES: dict[str, tuple[int, int, bool, ClsPosition, float, float]] = {
     "vim_tiny_patch16_224": (192, 24, True, "middle", 0.0, 0.0),
     "vim_small_patch16_224": (384, 24, True, "middle", 0.0, 0.05),
     "vim_base_patch16_224": (768, 24, True, "middle", 0.0, 0.1),
@@ -417,7 +416,7 @@ MODEL_SIZES: dict[str, tuple[int, int, bool, ClsPosition, float, float]] = {
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    embed_dim, depth, rms_norm, cls_position, shuffle_rate, drop_path_rate = MODEL_SIZES[variant]
+    embed_dim, depth, rms_norm, cls_position, shuffle_rate, drop_path_rate = VIM_SIZES[variant]
     defaults = dict(
         patch_size=16,
         embed_dim=embed_dim,
@@ -436,4 +435,41 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
     )
 
 
-register_sizes(__name__, MODEL_SIZES, _create, "embed_dim, depth, norm, cls position, shuffle, drop path")
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("vim_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("vim_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("vim_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def shufflemamba_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("shufflemamba_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def shufflemamba_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("shufflemamba_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def shufflemamba_middle_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("shufflemamba_middle_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def shufflemamba_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("shufflemamba_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def shufflemamba_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("shufflemamba_large_patch16_224", pretrained, **kwargs)

@@ -23,16 +23,15 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import Permute
 
 from ..ops import selective_scan
 from ..ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
-from .registry import imagenet_cfg, register_sizes
+from .pretrained_cfg import imagenet_cfg
 from .ssm_init import init_dt_projection_, s4d_real_log_a
-from .state_dict import unwrap_state_dict
 
 __all__ = ["SS2D", "VMamba", "VSSBlock", "checkpoint_filter_fn"]
 
@@ -302,14 +301,14 @@ class VMamba(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: VMamba) -> dict[str, Tensor]:
-    """Official VMamba checkpoint (or ours, raw or DDP) -> this model's state dict.
+    """An official VMamba state dict (already unwrapped) -> this model's.
 
     Names are already the official ones; weights saved from a 1x1 ``nn.Conv2d`` (4-D) are
     squeezed to the 2-D ``nn.Linear`` shape, as the official ``Linear2d`` does on load.
     """
     own = model.state_dict()
     out = {}
-    for name, value in unwrap_state_dict(state_dict).items():
+    for name, value in state_dict.items():
         if name in own and value.dim() == 4 and own[name].dim() == 2 and value.shape[2:] == (1, 1):
             value = value.flatten(1)
         out[name] = value
@@ -337,7 +336,8 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# name: (dims, depths, ssm_ratio, drop_path_rate); all d_state 1, mlp_ratio 4, "v05_noz".
+# name: (dims, depths, ssm_ratio, drop_path_rate); all d_state 1, mlp_ratio 4, "v05_noz". The one
+# home of each size's drop path (model YAMLs leave it null).
 # Published: T 30.2M / 82.6, S 50.1M / 83.6, B 88.6M / 83.9 (drop path 0.2 / 0.3 / 0.6).
 VMAMBA_SIZES: dict[str, tuple[int, tuple[int, ...], float, float]] = {
     "vmamba_tiny": (96, (2, 2, 8, 2), 1.0, 0.2),
@@ -358,4 +358,16 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VMamba:
     )
 
 
-register_sizes(__name__, VMAMBA_SIZES, _create, "dims, depths, ssm_ratio, drop path")
+@register_model
+def vmamba_tiny(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    return _create("vmamba_tiny", pretrained, **kwargs)
+
+
+@register_model
+def vmamba_small(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    return _create("vmamba_small", pretrained, **kwargs)
+
+
+@register_model
+def vmamba_base(pretrained: bool = False, **kwargs: Any) -> VMamba:
+    return _create("vmamba_base", pretrained, **kwargs)
