@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 from hydra import compose, initialize_config_dir
 
 from shufflemamba.config import register_resolvers
@@ -66,10 +68,22 @@ def run_script(
     return proc
 
 
+def for_eval(overrides: list[str]) -> list[str]:
+    """The training overrides eval.py takes: the preset, model and data ones (eval.yaml composes
+    no trainer / optim / sched / aug group, so their keys are not settable there)."""
+    return [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in ("experiment", "model", "data")]
+
+
 def evaluate_checkpoint(overrides: list[str], checkpoint: Path, work_dir: Path) -> dict:
-    """Run eval.py on ``checkpoint`` with these config overrides; its JSON result."""
+    """Run eval.py on ``checkpoint`` with the evaluation part of these training overrides; its JSON result."""
     out = work_dir / "eval.json"
-    run_script("eval.py", *overrides, f"checkpoint={checkpoint}", f"output={out}", f"hydra.run.dir={work_dir / 'eval'}")
+    run_script(
+        "eval.py",
+        *for_eval(overrides),
+        f"checkpoint={checkpoint}",
+        f"output={out}",
+        f"hydra.run.dir={work_dir / 'eval'}",
+    )
     return json.loads(out.read_text())
 
 
@@ -80,3 +94,36 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+def tiny_vim(name: str = "vim_tiny_patch16_224", **kw):
+    """A 3-block, 32-wide Vim / ShuffleMamba at 32 px (patch 8), 7 classes."""
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_classes": 7, **kw}
+    return timm.create_model(name, **kw)
+
+
+def tiny_vmamba(**kw):
+    """A 4-stage VMamba 8 wide, depths 1-2-1-1, 5 classes, no drop path."""
+    kw = {"dims": 8, "depths": (1, 2, 1, 1), "num_classes": 5, "drop_path_rate": 0.0, **kw}
+    return timm.create_model("vmamba_tiny", **kw)
+
+
+def make_scan_inputs(b, d, L, N, groups=None, dtype=torch.float32, seed=0):
+    """Random selective-scan inputs (u, delta, A, B, C, D, z, delta_bias) requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    shape_bc = (b, N, L) if groups is None else (b, groups, N, L)
+
+    def t(*s, scale=1.0, shift=0.0):
+        return torch.randn(*s, generator=g, dtype=dtype) * scale + shift
+
+    inputs = dict(
+        u=t(b, d, L),
+        delta=t(b, d, L, scale=0.5),
+        A=-(torch.rand(d, N, generator=g, dtype=dtype) * 4 + 0.2),
+        B=t(*shape_bc),
+        C=t(*shape_bc),
+        D=t(d),
+        z=t(b, d, L),
+        delta_bias=t(d, scale=0.5, shift=-1.0),
+    )
+    return {k: v.requires_grad_() for k, v in inputs.items()}

@@ -12,6 +12,7 @@ from conftest import TINY, run_script
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     proc = run_script(
         "scripts/benchmark.py",
+        "models",
         "--device",
         "cpu",
         "--tiny",
@@ -47,7 +48,8 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
 def test_loader_benchmark_runs_the_deit_pipeline_on_synthetic_jpegs(tmp_path):
     out = tmp_path / "loader.json"
     run_script(
-        "scripts/benchmark_loader.py",
+        "scripts/benchmark.py",
+        "loader",
         *("--num-images", "24", "--num-classes", "3", "--workers", "1", "--batch", "4", "--batches", "2"),
         *("--json", str(out)),
     )

@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import auto_augment
 
-from shufflemamba.config import UserError
 from shufflemamba.data.datasets import FolderDataset, ImageFolderIndex, build_dataset
 from shufflemamba.data.loader import DeviceBatchTransform, build_eval_loader, collate_uint8, release_workers
 from shufflemamba.data.samplers import ResumableTrainSampler, ShardedEvalSampler
 from shufflemamba.data.transforms import build_eval_transform, build_train_transform, posterize_safe
+from shufflemamba.errors import UserError
 
 DATA = OmegaConf.create(
     {"img_size": 64, "crop_pct": 0.875, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}

@@ -2,28 +2,12 @@
 
 import pytest
 import torch
+from conftest import make_scan_inputs
 
 from shufflemamba import ops
+from shufflemamba.ops.cross_scan import cross_merge, cross_scan, cross_unscan
 from shufflemamba.ops.reference import causal_conv1d_reference, selective_scan_reference
 from shufflemamba.ops.scan_torch import selective_scan_torch, softplus
-
-
-def make_inputs(b, d, L, N, groups=None, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shape_bc = (b, N, L) if groups is None else (b, groups, N, L)
-    t = lambda *s, scale=1.0, shift=0.0: torch.randn(*s, generator=g, dtype=dtype) * scale + shift
-    inputs = dict(
-        u=t(b, d, L),
-        delta=t(b, d, L, scale=0.5),
-        A=-(torch.rand(d, N, generator=g, dtype=dtype) * 4 + 0.2),
-        B=t(*shape_bc),
-        C=t(*shape_bc),
-        D=t(d),
-        z=t(b, d, L),
-        delta_bias=t(d, scale=0.5, shift=-1.0),
-    )
-    return {k: v.requires_grad_() for k, v in inputs.items()}
-
 
 SHAPES = [  # (batch, dim, length, d_state, groups)
     (2, 8, 7, 4, None),
@@ -36,7 +20,7 @@ SHAPES = [  # (batch, dim, length, d_state, groups)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_scan_matches_reference_forward_and_gradients(shape, monkeypatch):
     monkeypatch.setattr("shufflemamba.ops.scan_torch._CHUNK_ELEMENTS", 700)  # several chunks
-    inputs = make_inputs(*shape)
+    inputs = make_scan_inputs(*shape)
     names = list(inputs)
     y_ref = selective_scan_reference(**inputs, delta_softplus=True)
     grad_out = torch.randn_like(y_ref)
@@ -49,7 +33,7 @@ def test_torch_scan_matches_reference_forward_and_gradients(shape, monkeypatch):
 
 
 def test_torch_scan_float64_exact_and_optional_args():
-    inputs = make_inputs(2, 8, 19, 5, dtype=torch.float64)
+    inputs = make_scan_inputs(2, 8, 19, 5, dtype=torch.float64)
     for drop in ([], ["D", "z", "delta_bias"]):
         kw = {k: v for k, v in inputs.items() if k not in drop}
         for softplus_flag in (True, False):
@@ -59,13 +43,13 @@ def test_torch_scan_float64_exact_and_optional_args():
 
 
 def test_torch_scan_gradcheck():
-    inputs = make_inputs(1, 3, 5, 2, dtype=torch.float64, seed=3)
+    inputs = make_scan_inputs(1, 3, 5, 2, dtype=torch.float64, seed=3)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     assert torch.autograd.gradcheck(lambda *a: selective_scan_torch(*a, delta_softplus=True), args)
 
 
 def test_last_state_and_inference_path_agree_with_reference():
-    inputs = {k: v.detach() for k, v in make_inputs(2, 8, 23, 16).items()}
+    inputs = {k: v.detach() for k, v in make_scan_inputs(2, 8, 23, 16).items()}
     y_ref, h_ref = selective_scan_reference(**inputs, delta_softplus=True, return_last_state=True)
     with torch.no_grad():
         y, h = selective_scan_torch(**inputs, delta_softplus=True, return_last_state=True)
@@ -74,7 +58,7 @@ def test_last_state_and_inference_path_agree_with_reference():
 
 
 def test_bf16_inputs_accumulate_in_fp32_and_return_bf16():
-    inputs = {k: v.detach() for k, v in make_inputs(2, 8, 40, 16).items()}
+    inputs = {k: v.detach() for k, v in make_scan_inputs(2, 8, 40, 16).items()}
     low = {k: v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
     y = selective_scan_torch(**low, delta_softplus=True)
     y_ref = selective_scan_reference(**{k: v.float() for k, v in low.items()}, delta_softplus=True)
@@ -117,3 +101,24 @@ def test_backend_dispatch_and_clear_errors(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ops.CudaKernelsUnavailable, match="needs a CUDA GPU"):
             ops.resolve_backend("cuda", x)
+
+
+@pytest.mark.parametrize("hw", [(4, 5), (3, 3), (1, 6)])
+def test_cross_scan_orders_and_exact_inverses(hw):
+    H, W = hw
+    x = torch.randn(2, 3, H, W)
+    xs = cross_scan(x)
+    assert xs.shape == (2, 4, 3, H * W)
+    row_major = [x[:, :, h, w] for h in range(H) for w in range(W)]
+    col_major = [x[:, :, h, w] for w in range(W) for h in range(H)]
+    for k, order in enumerate([row_major, col_major, row_major[::-1], col_major[::-1]]):
+        assert torch.equal(xs[:, k], torch.stack(order, dim=-1)), f"direction {k}"
+    unscanned = cross_unscan(xs, H, W)
+    for k in range(4):
+        assert torch.equal(unscanned[:, k], x.flatten(2))
+    assert torch.equal(cross_merge(xs, H, W), 4 * x.flatten(2))
+    # merge is the adjoint of scan (so autograd's backward of one is the other)
+    ys = torch.randn_like(xs)
+    torch.testing.assert_close((xs * ys).sum(), (x.flatten(2) * cross_merge(ys, H, W)).sum())
+    with pytest.raises(ValueError, match="expected"):
+        cross_merge(xs, H + 1, W)

@@ -5,7 +5,7 @@ import timm
 import torch
 
 import shufflemamba  # noqa: F401
-from shufflemamba.shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
+from shufflemamba.models.shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
 
 
 def model_with(rate, **kw):

@@ -1,16 +1,15 @@
 """Registered sizes, official names, equations, checkpoints, and the timm model surface."""
 
-import argparse
 import math
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import tiny_vim as tiny
 
 import shufflemamba  # noqa: F401  (registers the models)
-from shufflemamba.checkpoint import CheckpointError, load_weights, read_checkpoint
-from shufflemamba.models import MODEL_SIZES, resize_pos_embed
+from shufflemamba.models import VIM_SIZES
 from shufflemamba.ops import use_backend
 
 PUBLISHED_PARAMS = {  # 1000 classes; exact counts of the official architectures
@@ -25,12 +24,7 @@ PUBLISHED_PARAMS = {  # 1000 classes; exact counts of the official architectures
 }
 
 
-def tiny(name="vim_tiny_patch16_224", **kw):
-    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_classes": 7, **kw}
-    return timm.create_model(name, **kw)
-
-
-@pytest.mark.parametrize("name", sorted(MODEL_SIZES))
+@pytest.mark.parametrize("name", sorted(VIM_SIZES))
 def test_every_registered_size_has_the_published_parameter_count(name):
     with torch.device("meta"):
         model = timm.create_model(name)
@@ -150,72 +144,6 @@ def test_torch_and_reference_backends_agree_on_a_model_forward_and_backward():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_official_format_checkpoint_round_trips(tmp_path):
-    model = tiny().eval()
-    ema = tiny().eval()
-    args = argparse.Namespace(model="vim_tiny_patch16_224", lr=5e-4, output_dir="out")
-    path = tmp_path / "official.pth"
-    torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "epoch": 299, "args": args}, path)
-    assert read_checkpoint(path)["args"].model == "vim_tiny_patch16_224"
-    images = torch.randn(2, 3, 32, 32)
-    for use_ema, source in ((False, model), (True, ema)):
-        target = tiny().eval()
-        load_weights(target, path, use_ema=use_ema)
-        with torch.no_grad():
-            torch.testing.assert_close(target(images), source(images), rtol=0, atol=0)
-    ddp_style = {"model": {f"module.{k}": v for k, v in model.state_dict().items()}}
-    target = tiny().eval()
-    load_weights(target, ddp_style)
-    torch.testing.assert_close(target.state_dict()["head.weight"], model.state_dict()["head.weight"])
-
-
-def test_mismatched_checkpoint_lists_missing_unexpected_and_mis_shaped_keys(tmp_path):
-    path = tmp_path / "w.pth"
-    sd = tiny(num_classes=10).state_dict()
-    sd.pop("norm_f.weight")
-    sd["extra.weight"] = torch.zeros(1)
-    torch.save(sd, path)
-    with pytest.raises(CheckpointError) as err:
-        load_weights(tiny(num_classes=7), path)
-    msg = str(err.value)
-    assert "missing (1): norm_f.weight" in msg
-    assert "unexpected (1): extra.weight" in msg
-    assert "head.weight: checkpoint (10, 32) vs model (7, 32)" in msg
-    with pytest.raises(CheckpointError, match="no 'model_ema'"):
-        load_weights(tiny(), {"model": tiny().state_dict()}, use_ema=True)
-
-
-def test_unsafe_pickles_are_refused(tmp_path):
-    import datetime
-
-    path = tmp_path / "evil.pth"
-    torch.save({"model": {}, "payload": datetime.date(2024, 1, 1)}, path)  # any non-allow-listed global
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
-        read_checkpoint(path)
-
-
-@pytest.mark.parametrize("cls_position", ["middle", "head"])
-def test_resolution_change_resizes_the_position_embedding(cls_position, tmp_path):
-    name = "vim_tiny_patch16_224" if cls_position == "middle" else "shufflemamba_tiny_patch16_224"
-    src = tiny(name)  # 32 px / patch 8 = 4x4 grid
-    path = tmp_path / "w.pth"
-    torch.save({"model": src.state_dict()}, path)
-    dst = tiny(name, img_size=48)  # 6x6 grid
-    load_weights(dst, path)
-    pe_src, pe_dst = src.pos_embed.detach(), dst.pos_embed.detach()
-    assert pe_dst.shape == (1, 37, 32)
-    i_src = 8 if cls_position == "middle" else 0
-    i_dst = 18 if cls_position == "middle" else 0
-    torch.testing.assert_close(pe_dst[:, i_dst], pe_src[:, i_src])  # class token kept, moved to its new index
-    patches = torch.cat([pe_src[:, :i_src], pe_src[:, i_src + 1 :]], 1).reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
-    expect = F.interpolate(patches, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
-    got = torch.cat([pe_dst[:, :i_dst], pe_dst[:, i_dst + 1 :]], 1).reshape(1, 6, 6, 32)
-    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
-    assert dst(torch.randn(1, 3, 48, 48)).shape == (1, 7)
-    same = resize_pos_embed(pe_src, (4, 4), (4, 4), cls_position)
-    assert same is pe_src
 
 
 def test_dynamic_img_size_resizes_on_the_fly():

@@ -1,0 +1,72 @@
+"""shufflemamba.engine: schedules built from the config, the declared training state, builders."""
+
+import pytest
+import torch
+from conftest import compose_cfg, tiny_vim
+from omegaconf import OmegaConf
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+from shufflemamba.checkpoint import TrainingState
+from shufflemamba.data.samplers import ResumableTrainSampler
+from shufflemamba.engine.builders import build_optimizer, build_scheduler
+from shufflemamba.engine.trainer import RunProgress
+from shufflemamba.errors import CheckpointError, UserError
+
+
+def _lrs(scheduler, optimizer, updates):
+    out = []
+    for step in range(updates):
+        scheduler.step_update(num_updates=step)
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def _optimizer(lr=1e-3):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_cosine_from_the_config_is_timms_cosine_stepped_per_update():
+    sched_cfg = OmegaConf.create({"name": "cosine", "warmup_epochs": 2, "warmup_lr": 1e-6, "min_lr": 1e-5})
+    opt_a, opt_b = _optimizer(), _optimizer()
+    ours = build_scheduler(sched_cfg, opt_a, epochs=10, updates_per_epoch=7)
+    reference = CosineLRScheduler(opt_b, t_initial=70, lr_min=1e-5, warmup_t=14, warmup_lr_init=1e-6, t_in_epochs=False)
+    assert _lrs(ours, opt_a, 80) == _lrs(reference, opt_b, 80)
+
+
+def test_step_schedule_decays_every_decay_epochs_after_warmup():
+    sched_cfg = compose_cfg("train", ["sched=step", "sched.warmup_epochs=1", "sched.decay_epochs=3"]).sched
+    optimizer = _optimizer(0.1)
+    lrs = _lrs(build_scheduler(sched_cfg, optimizer, epochs=9, updates_per_epoch=4), optimizer, 36)
+    assert isinstance(build_scheduler(sched_cfg, _optimizer(), 9, 4), StepLRScheduler)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] < lrs[2] < lrs[3] < 0.1  # linear warmup over 4 updates
+    assert lrs[4:12] == pytest.approx([0.1] * 8)  # updates 4..11: before the first decay at 12
+    assert lrs[12:24] == pytest.approx([0.01] * 12) and lrs[24:] == pytest.approx([0.001] * 12)
+
+
+def test_training_state_saves_and_restores_every_declared_component(tmp_path):
+    model, progress = tiny_vim(), RunProgress(epoch=3, step_in_epoch=5, global_step=40, best_top1=12.5)
+    optimizer = build_optimizer(compose_cfg("train", []).optim, model, lr=1e-3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    state = TrainingState({"model": model, "optimizer": optimizer, "progress": progress})
+    state.save([tmp_path / "last.pt"], best_weights="raw", config={"a": 1})
+
+    fresh_model, fresh_progress = tiny_vim(), RunProgress()
+    fresh_optimizer = build_optimizer(compose_cfg("train", []).optim, fresh_model, lr=1e-3)
+    fresh = TrainingState({"model": fresh_model, "optimizer": fresh_optimizer, "progress": fresh_progress})
+    whole = fresh.load(tmp_path / "last.pt")
+    assert fresh_progress == progress and whole["best_weights"] == "raw" and whole["config"] == {"a": 1}
+    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert str(fresh_optimizer.state_dict()) == str(optimizer.state_dict())
+
+    with_ema = TrainingState({"model": tiny_vim(), "model_ema": tiny_vim(), "progress": RunProgress()})
+    with pytest.raises(CheckpointError, match=r"no \['model_ema'\]"):  # never half-resumed
+        with_ema.load(tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="would overwrite"):
+        state.state_dict(model={})
+
+
+def test_a_dataset_smaller_than_one_batch_is_a_user_error_with_the_fix():
+    with pytest.raises(UserError, match="14 training images cannot fill one batch of 64 on each of 1 rank.*at most 14"):
+        ResumableTrainSampler(14, 64)
