@@ -8,8 +8,12 @@ rm -rf "$RUN_DIR"
 start=$(date +%s.%N)
 python train.py experiment=demo hydra.run.dir="$RUN_DIR" trainer.progress_bar=false "$@"
 end=$(date +%s.%N)
+eval_args=()  # eval.py takes the model and data overrides (it composes no trainer / optim / aug)
+for arg in "$@"; do
+  case "${arg#[+~]}" in model*|data*|experiment*) eval_args+=("$arg") ;; esac
+done
 python eval.py experiment=demo checkpoint="$RUN_DIR/checkpoints/best.pt" output="$RUN_DIR/eval.json" \
-  hydra.run.dir="$RUN_DIR/eval" "$@" >/dev/null
+  hydra.run.dir="$RUN_DIR/eval" ${eval_args[@]+"${eval_args[@]}"} >/dev/null
 python - "$RUN_DIR" "$start" "$end" <<'PY'
 import json, sys
 run, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])

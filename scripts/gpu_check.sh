@@ -174,14 +174,14 @@ bench_to_results() {  # bench_to_results NAME TITLE
 }
 
 do_bench() {
-  $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" --mixer --out-dir "$WORK/bench" --name eager
+  $PY scripts/benchmark.py models "${BENCH_ARGS[@]}" --models "$BENCH_MODELS" --mixer --out-dir "$WORK/bench" --name eager
   local rc=$?
   bench_to_results eager "Throughput and memory (eager)"
   return $rc
 }
 
 do_compile() {
-  $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --resolutions "$COMPILE_RES" --models "$BENCH_MODELS" \
+  $PY scripts/benchmark.py models "${BENCH_ARGS[@]}" --resolutions "$COMPILE_RES" --models "$BENCH_MODELS" \
     --variants "$COMPILE_VARIANTS" --compile both --modes train --out-dir "$WORK/bench" --name compile
   local rc=$?
   bench_to_results compile "torch.compile on / off (training step)"
@@ -189,7 +189,7 @@ do_compile() {
 }
 
 do_profile() {
-  $PY scripts/benchmark.py "${BENCH_ARGS[@]}" --models "${PROFILE_VARIANT%%/*}" --variants '^$' \
+  $PY scripts/benchmark.py models "${BENCH_ARGS[@]}" --models "${PROFILE_VARIANT%%/*}" --variants '^$' \
     --profile "$PROFILE_VARIANT" --profile-out "$WORK/profile.txt"
   local rc=$?
   [[ -f $WORK/profile.txt ]] && { echo '```'; cat "$WORK/profile.txt"; echo '```'; } | section "Profile: $PROFILE_VARIANT"
@@ -227,7 +227,7 @@ PY
 }
 
 do_loader() {
-  $PY scripts/benchmark_loader.py "${LOADER_ARGS[@]}" --json "$WORK/loader.json"
+  $PY scripts/benchmark.py loader "${LOADER_ARGS[@]}" --json "$WORK/loader.json"
   local rc=$?
   [[ -f $WORK/loader.json ]] && { echo '```'; cat "$WORK/loader.json"; echo '```'; } \
     | section "DeiT-recipe data loader alone (synthetic ImageNet-size JPEGs, 224 crops)"

@@ -2,8 +2,8 @@
 RandAugment, uint8 collate, repeated-augmentation sampler), exactly as train.py builds it, to
 compare with the GPU's training step rate: a loader slower than the step starves the GPU.
 
-    python scripts/benchmark_loader.py --workers 16                 # synthetic JPEGs in a temp dir
-    python scripts/benchmark_loader.py --root /data/imagenet --workers 16 --batches 200
+    python scripts/benchmark.py loader --workers 16                 # synthetic JPEGs in a temp dir
+    python scripts/benchmark.py loader --root /data/imagenet --workers 16 --batches 200
 
 Without ``--root`` it writes ``--num-images`` synthetic JPEGs at ImageNet-like sizes (sides 300-500
 px, quality 95, smooth content so file sizes are near ImageNet's ~110 KB average, not the
@@ -30,7 +30,7 @@ from shufflemamba.data.datasets import build_dataset
 from shufflemamba.data.loader import build_train_loader
 from shufflemamba.data.transforms import build_train_transform, install_posterize_fix
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_jpegs(root: Path, indices: range, num_classes: int, seed: int) -> list[int]:
@@ -63,8 +63,7 @@ def write_synthetic_imagenet(root: Path, num_images: int, num_classes: int, seed
     return float(np.mean(sizes)) / 1024
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, default=None, help="ImageNet root (train/<class>/*); default: synthetic")
     p.add_argument("--num-images", type=int, default=4000)
     p.add_argument("--num-classes", type=int, default=100)
@@ -73,7 +72,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=60, help="timed batches (after the first)")
     p.add_argument("--aug", default="deit")
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root, mean_kb = args.root, None
@@ -127,7 +128,3 @@ def main() -> None:
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()

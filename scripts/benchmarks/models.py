@@ -4,10 +4,13 @@ bf16 autocast, with/without torch.compile; plus the bidirectional mixer alone, f
 official two-call structure.
 
 GPU (what the numbers in docs/benchmarks.md come from; scripts/gpu_check.sh runs it):
-    python scripts/benchmark.py --out-dir bench/ --mixer --models \
+    python scripts/benchmark.py models --out-dir bench/ --mixer --models \
         vim_small_patch16_224,shufflemamba_base_patch16_224,vmamba_tiny,deit_small_patch16_224,deit_base_patch16_224
+CPU, Vim-T against DeiT-T, interleaved over 5 rounds (a noisy machine hurts both alike):
+    python scripts/benchmark.py models --device cpu --no-amp --resolutions 224 --batch 8 --steps 3 \
+        --rounds 5 --models vim_tiny_patch16_224,deit_tiny_patch16_224
 CPU smoke test (tiny sizes, so CI can run it):
-    python scripts/benchmark.py --device cpu --tiny --resolutions 64 --batch 2 --steps 2 --warmup 1
+    python scripts/benchmark.py models --device cpu --tiny --resolutions 64 --batch 2 --steps 2 --warmup 1
 
 Variants: "<vim>/cuda-fused", "<vim>/cuda-unfused", "<vim>/cuda-fused+shuffle0.5" (training only),
 "<vim>/torch" for the Vim family, "<vmamba>/cuda" and "<vmamba>/torch" for VMamba (cuda ones only
@@ -299,8 +302,7 @@ def profile_step(variant: Variant, args, res: int) -> str:
     return title + "\n" + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default=",".join(OURS + VMAMBA + DEIT + MAMBAOUT))
     p.add_argument("--variants", default=None, help="regex: keep only matching variant labels")
@@ -314,6 +316,7 @@ def main() -> None:
     p.add_argument("--compile-variants", default=None, help="regex: compile only these labels (others: off)")
     p.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1, help="measure all variants round-robin this many times")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="2-layer models (smoke tests)")
     p.add_argument("--mixer", action="store_true", help="also time the bidirectional mixer, fused vs official")
@@ -321,14 +324,62 @@ def main() -> None:
     p.add_argument("--name", default="benchmark", help="output file stem in --out-dir")
     p.add_argument("--profile", default=None, help="variant label to profile for one training step")
     p.add_argument("--profile-out", type=Path, default=None)
-    args = p.parse_args()
 
+
+def measure_job(job: tuple, args: argparse.Namespace) -> dict:
+    """One row: build the variant, time it; a failure (OOM, compile error) is recorded, not raised."""
+    variant, res, batch, mode, compiled = job
+    row = {
+        "variant": variant.label,
+        "resolution": res,
+        "batch": batch,
+        "mode": mode,
+        "compile": compiled,
+        "amp": "fp32" if args.no_amp else "bf16",
+    }
+    model = None
+    try:
+        with use_backend(variant.backend or "auto"):
+            model = build(variant, res, args.tiny, args.device)
+            row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+            train = mode == "train"
+            row.update(
+                measure(model, batch, res, args.device, train, args.steps, args.warmup, not args.no_amp, compiled)
+            )
+    except torch.OutOfMemoryError:
+        row.update(img_s=None, ms_per_step=None, peak_gib="OOM", error="out of memory")
+    except Exception as exc:  # one broken variant must not lose the rest of the run
+        row.update(img_s=None, ms_per_step=None, error=f"{type(exc).__name__}: {exc}"[:200])
+    finally:
+        model = None
+        if compiled:
+            torch._dynamo.reset()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """Median img/s and ms/step over the rounds that succeeded; the largest peak memory."""
+    good = [r for r in runs if r.get("img_s")]
+    if not good:
+        return runs[-1]
+    row = dict(good[0])
+    row["img_s"] = statistics.median(r["img_s"] for r in good)
+    row["ms_per_step"] = statistics.median(r["ms_per_step"] for r in good)
+    peaks = [r["peak_gib"] for r in good if isinstance(r.get("peak_gib"), float)]
+    row["peak_gib"] = max(peaks) if peaks else row.get("peak_gib")
+    row["rounds"] = len(good)
+    return row
+
+
+def run(args: argparse.Namespace) -> None:
     resolutions = [int(r) for r in args.resolutions.split(",")]
     compile_opts = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     torch_path = args.torch_path or args.device == "cpu"
     all_variants = variants(args.models.split(","), args.device, torch_path)
     chosen = [v for v in all_variants if args.variants is None or re.search(args.variants, v.label)]
-    rows = []
+    jobs = []  # (variant, res, batch, mode, compiled)
     for variant in chosen:
         for res in resolutions:
             batch = max(1, round(args.batch * min(1.0, (224 / res) ** 2)))
@@ -338,44 +389,15 @@ def main() -> None:
                 for compiled in compile_opts:
                     if compiled and args.compile_variants and not re.search(args.compile_variants, variant.label):
                         continue
-                    row = {
-                        "variant": variant.label,
-                        "resolution": res,
-                        "batch": batch,
-                        "mode": mode,
-                        "compile": compiled,
-                        "amp": "fp32" if args.no_amp else "bf16",
-                    }
-                    model = None
-                    try:
-                        with use_backend(variant.backend or "auto"):
-                            model = build(variant, res, args.tiny, args.device)
-                            row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-                            row.update(
-                                measure(
-                                    model,
-                                    batch,
-                                    res,
-                                    args.device,
-                                    mode == "train",
-                                    args.steps,
-                                    args.warmup,
-                                    not args.no_amp,
-                                    compiled,
-                                )
-                            )
-                    except torch.OutOfMemoryError:
-                        row.update(img_s=None, ms_per_step=None, peak_gib="OOM", error="out of memory")
-                    except Exception as exc:  # one broken variant must not lose the rest of the run
-                        row.update(img_s=None, ms_per_step=None, error=f"{type(exc).__name__}: {exc}"[:200])
-                    finally:
-                        model = None
-                        if compiled:
-                            torch._dynamo.reset()
-                        if args.device == "cuda":
-                            torch.cuda.empty_cache()
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    jobs.append((variant, res, batch, mode, compiled))
+    # --rounds N measures every job once per round, round-robin (A B C, A B C, ...): drift on a
+    # noisy machine hits all variants alike; each figure is the median over the rounds.
+    measured: list[list[dict]] = [[] for _ in jobs]
+    for _ in range(args.rounds):
+        for runs, job in zip(measured, jobs, strict=True):
+            runs.append(measure_job(job, args))
+            print(json.dumps(runs[-1]), flush=True)
+    rows = [combine_rounds(runs) for runs in measured]
 
     add_ratios(rows)
     mixer_rows = mixer_benchmark(args.device, not args.no_amp, args.tiny, args.steps) if args.mixer else []
@@ -409,7 +431,3 @@ def main() -> None:
                 writer.writeheader()
                 writer.writerows(rows)
         (args.out_dir / f"{args.name}.md").write_text(text)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,19 +1,14 @@
-"""CPU benchmark of the torch scan path and of whole-model throughput against DeiT-T.
+"""The CPU torch scan path: selective scan forward+backward at (B, L, E, N) = (8, 197, 384, 16),
+our chunked torch path against a classic sequential reference of mamba-ssm's
+``selective_scan_ref`` kind (the whole sequence discretised up front, then an indexed loop,
+autograd through it), with the outputs and gradients compared. (Whole models against DeiT:
+the ``models`` mode.)
 
-(a) Selective scan forward+backward at (B, L, E, N) = (8, 197, 384, 16): our chunked
-    torch path against a classic sequential reference of mamba-ssm's
-    ``selective_scan_ref`` kind (the whole sequence discretised up front, then an
-    indexed loop, autograd through it), with the outputs and gradients compared.
-(b) Training-step and inference images/s of ``vim_tiny_patch16_224`` and timm's
-    ``deit_tiny_patch16_224`` at 224, measured interleaved (ABAB...) so that a noisy
-    machine hurts both alike; medians are reported.
-
-    python scripts/benchmark_scan.py [--batch 8] [--repeats 5] [--json out.json]
+    python scripts/benchmark.py scan [--batch 8] [--repeats 5] [--json out.json]
 
 Also, for the analysis in docs/benchmarks.md:
     --chunk-sweep 131072,1048576   fused bidirectional scan (B 8, 2E 768, L 197, N 16) per chunk size
     --inductor-chunk               one chunk compiled by torch.compile (Inductor) vs the same code eager
-    --profile                      torch profiler tables of a Vim-T inference and training step
 """
 
 from __future__ import annotations
@@ -89,48 +84,6 @@ def bench_scan(batch: int, repeats: int) -> dict:
         "speedup": t_classic / t_ours,
         "max_abs_diff": max_err,
     }
-
-
-def _step_fn(model, batch, train):
-    x = torch.randn(batch, 3, 224, 224)
-    y = torch.randint(0, 1000, (batch,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
-    model.train(train)
-
-    def step():
-        start = time.perf_counter()
-        if train:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            with torch.inference_mode():
-                model(x)
-        return time.perf_counter() - start
-
-    return step
-
-
-def bench_models(batch: int, repeats: int) -> dict:
-    out = {}
-    for mode, train in (("inference", False), ("train", True)):
-        steps = {}
-        for name in ("deit_tiny_patch16_224", "vim_tiny_patch16_224"):
-            torch.manual_seed(0)
-            steps[name] = _step_fn(timm.create_model(name), batch, train)
-            steps[name]()  # warm-up
-        times = {name: [] for name in steps}
-        for _ in range(repeats):  # interleaved
-            for name, step in steps.items():
-                times[name].append(step())
-        ips = {name: batch / statistics.median(t) for name, t in times.items()}
-        out[mode] = {
-            "deit_tiny_img_s": ips["deit_tiny_patch16_224"],
-            "vim_tiny_img_s": ips["vim_tiny_patch16_224"],
-            "ratio": ips["vim_tiny_patch16_224"] / ips["deit_tiny_patch16_224"],
-        }
-    return out
 
 
 def chunk_sweep(sizes: list[int], repeats: int) -> list[dict]:
@@ -227,38 +180,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def profile_vim_tiny(batch: int) -> None:
-    model = timm.create_model("vim_tiny_patch16_224")
-    for train in (False, True):
-        step = _step_fn(model, batch, train)
-        step()
-        with torch.profiler.profile() as prof:
-            step()
-        print(f"--- vim_tiny_patch16_224 {'training step' if train else 'inference'}, batch {batch}")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--chunk-sweep", default=None, help="comma-separated chunk sizes (elements)")
     parser.add_argument("--inductor-chunk", action="store_true")
-    parser.add_argument("--profile", action="store_true")
-    args = parser.parse_args()
-    if args.profile:
-        profile_vim_tiny(args.batch)
-        return
+
+
+def run(args: argparse.Namespace) -> None:
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "timm": timm.__version__,
         "scan": bench_scan(args.batch, args.repeats),
     }
-    if not args.skip_models:
-        report["models_224"] = bench_models(args.batch, args.repeats)
     if args.chunk_sweep:
         report["chunk_sweep"] = chunk_sweep([int(c) for c in args.chunk_sweep.split(",")], args.repeats)
     if args.inductor_chunk:
@@ -267,7 +203,3 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

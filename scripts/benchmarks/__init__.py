@@ -1,0 +1,1 @@
+"""The modes of scripts/benchmark.py: ``models``, ``scan`` and ``loader``."""
