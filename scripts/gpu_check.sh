@@ -43,7 +43,7 @@ if [[ -n "${DRY_RUN:-}" ]]; then  # CPU rehearsal of every command line, at toy 
   PROFILE_VARIANT=vim_tiny_patch16_224/torch
   COMPILE_VARIANTS='vim_tiny_patch16_224/torch'
   COMPILE_RES=32
-  TRAIN_ARGS=(model.depth=2 model.embed_dim=32 data.img_size=32 data.num_train=64 data.num_val=32 data.batch_size=16
+  TRAIN_ARGS=(model.depth=2 model.embed_dim=32 data.img_size=32 data.num_train=64 data.num_val=32 data.batch_size=16 trainer.global_batch=16
               data.num_workers=2 trainer.epochs=2 trainer.device=cpu trainer.precision=fp32)
   LOADER_ARGS=(--num-images 200 --workers 2 --batch 16 --batches 5)
 else
@@ -52,7 +52,7 @@ else
   PROFILE_VARIANT=vim_small_patch16_224/cuda-fused
   COMPILE_VARIANTS='vim_small_patch16_224/cuda-fused$|^deit_small'
   COMPILE_RES=224,1024
-  TRAIN_ARGS=(data.num_train=1280 data.num_val=256 data.batch_size=128 data.num_workers=12 trainer.epochs=30
+  TRAIN_ARGS=(data.num_train=1280 data.num_val=256 data.batch_size=128 trainer.global_batch=128 data.num_workers=12 trainer.epochs=30
               trainer.device=cuda trainer.precision=bf16)
   LOADER_ARGS=(--num-images 6000 --workers "$(nproc)" --batch 128 --batches 120)
 fi

@@ -56,6 +56,24 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def derive_seed(*key: int) -> int:
+    """A 63-bit seed that depends on ``key`` only (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]) >> 1
+
+
+@contextlib.contextmanager
+def keyed_rng(*key: int) -> Iterator[None]:
+    """Run the block with python / numpy / torch (CPU and this CUDA device) generators seeded from
+    ``key`` alone, and every generator back as it was afterwards: draws inside depend on the key,
+    not on the process (e.g. a micro-batch's mixup on whichever rank computes it)."""
+    saved = capture_rng()
+    seed_all(derive_seed(*key))
+    try:
+        yield
+    finally:
+        restore_rng(saved)
+
+
 @contextlib.contextmanager
 def preserved_rng(enabled: bool = True) -> Iterator[None]:
     """Leave python / numpy / torch generators as they were on exit (no-op when not ``enabled``)."""

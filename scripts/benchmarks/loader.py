@@ -27,7 +27,7 @@ from PIL import Image
 
 from shufflemamba.config import register_resolvers
 from shufflemamba.data.datasets import build_dataset
-from shufflemamba.data.loader import build_train_loader
+from shufflemamba.data.loader import build_train_loader, release_workers
 from shufflemamba.data.transforms import build_train_transform, install_posterize_fix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,27 +98,30 @@ def run(args: argparse.Namespace) -> None:
             cfg = compose(config_name="train", overrides=overrides)
         install_posterize_fix()
         dataset = build_dataset(cfg.data, "train", build_train_transform(cfg.data, cfg.aug))
-        loader, sampler = build_train_loader(dataset, cfg.data, cfg.aug, rank=0, world=1, seed=0)
-        sampler.set_epoch(0)
-        seen, start, first_s = 0, None, None
+        loader, sampler = build_train_loader(dataset, cfg.data, cfg.aug, rank=0, world=1, accum_steps=1, seed=0)
+        seen, timed, start, first_s, epoch = 0, 0, None, None, 0
         t0 = time.perf_counter()
-        for step, (images, _, _) in enumerate(loader):
-            if start is None:
-                first_s = time.perf_counter() - t0
-                start = time.perf_counter()
-                shape = tuple(images.shape)
-                continue
-            seen += images.shape[0]
-            if step >= args.batches:
-                break
+        while timed < args.batches:  # as many epochs as it takes (persistent workers keep running)
+            sampler.set_epoch(epoch)
+            for images, _, _ in loader:
+                if start is None:
+                    first_s = time.perf_counter() - t0
+                    start = time.perf_counter()
+                    shape = tuple(images.shape)
+                    continue
+                seen, timed = seen + images.shape[0], timed + 1
+                if timed >= args.batches:
+                    break
+            epoch += 1
         seconds = time.perf_counter() - start
-        del loader  # stop the persistent workers before their files are removed
+        release_workers(loader)  # stop the workers before their files are removed
     result = {
         "images_per_s": seen / seconds,
         "per_worker": seen / seconds / max(args.workers, 1),
         "workers": args.workers,
         "batch": args.batch,
-        "batches_timed": args.batches,
+        "batches_timed": timed,
+        "epochs": epoch,
         "first_batch_s": first_s,
         "batch_shape": shape,
         "mean_jpeg_kb": mean_kb,

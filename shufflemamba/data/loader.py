@@ -59,9 +59,18 @@ def release_workers(*loaders: DataLoader) -> None:
         loader._iterator = None
 
 
-def build_train_loader(dataset: Dataset, data_cfg: Any, aug_cfg: Any, rank: int, world: int, seed: int):
+def build_train_loader(
+    dataset: Dataset, data_cfg: Any, aug_cfg: Any, rank: int, world: int, accum_steps: int, seed: int
+) -> tuple[DataLoader, ResumableTrainSampler]:
+    """The training loader (one micro-batch per item) and its world-size-independent sampler."""
     sampler = ResumableTrainSampler(
-        len(dataset), int(data_cfg.batch_size), rank, world, repeats=int(aug_cfg.repeated_aug), seed=seed
+        len(dataset),
+        int(data_cfg.batch_size),
+        rank,
+        world,
+        accum_steps=accum_steps,
+        repeats=int(aug_cfg.repeated_aug),
+        seed=seed,
     )
     return _loader(dataset, sampler, int(data_cfg.batch_size), data_cfg, drop_last=True, seed=seed), sampler
 

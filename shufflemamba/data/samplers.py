@@ -1,10 +1,18 @@
-"""Samplers: resumable repeated-augmentation training order and exact sharded evaluation.
+"""Samplers: a training order that does not depend on the world size, and exact sharded evaluation.
 
-Our training sampler does what DeiT's RASampler / timm's RepeatAugSampler do (each image
-``repeats`` times per epoch, the copies spread over ranks, the epoch kept at the dataset's
-length) and two things they cannot: it restarts mid-epoch at any batch, and it hands each
-sample a seed so augmentation does not depend on worker scheduling. Both are needed for
-bitwise-exact resume.
+The training sampler does what DeiT's RASampler / timm's RepeatAugSampler do (each image
+``repeats`` times per epoch, the epoch kept at the dataset's length) and three things they
+cannot:
+
+- **The global batch, not the rank, defines the data.** One order per (seed, epoch) is cut into
+  global batches of ``G = micro_batch x world_size x accum`` samples; optimizer step ``k`` trains
+  on samples ``[k G, (k + 1) G)`` of it whatever the number of ranks, and each micro-batch is a
+  fixed slice of that block (micro-batch ``m`` of rank ``r`` is slice ``m x world + r``). Every
+  sample carries its own augmentation seed, so for a given seed and global batch the images of
+  each step, and their augmentation, are the same on 1, 2 or 8 ranks.
+- **Resume at any sample**: ``set_epoch(epoch, start_sample)`` restarts mid-epoch, on any world
+  size (the position is counted in samples, not in per-rank batches).
+- Each sample comes as ``(index, seed)``, so augmentation never depends on worker scheduling.
 """
 
 from __future__ import annotations
@@ -18,44 +26,70 @@ from ..errors import UserError
 
 
 class ResumableTrainSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, seed)`` for this rank; the order is a function of (seed, epoch) only."""
+    """Yields this rank's ``(index, seed)`` pairs, micro-batch after micro-batch, for the epoch."""
 
     def __init__(
-        self, dataset_len: int, batch_size: int, rank: int = 0, world_size: int = 1, repeats: int = 1, seed: int = 0
+        self,
+        dataset_len: int,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+        repeats: int = 1,
+        seed: int = 0,
     ) -> None:
-        if dataset_len < world_size * batch_size:
+        self.global_batch = micro_batch * world_size * accum_steps
+        if dataset_len < self.global_batch:
             raise UserError(
-                f"{dataset_len} training images cannot fill one batch of {batch_size} on each of {world_size} "
-                f"rank(s): lower data.batch_size to at most {max(dataset_len // world_size, 1)} or add images"
+                f"{dataset_len} training images cannot fill one global batch of {self.global_batch} "
+                f"({micro_batch} per micro-batch x {world_size} rank(s) x {accum_steps} accumulation step(s)): "
+                f"lower trainer.global_batch or data.batch_size, or add images"
             )
-        self.dataset_len, self.batch_size = dataset_len, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.dataset_len, self.micro_batch = dataset_len, micro_batch
+        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.repeats, self.seed = max(1, int(repeats)), seed
-        self.epoch, self.start_batch = 0, 0
-        # Every rank takes the same number of full batches (DDP needs equal step counts).
-        self.batches_per_epoch = dataset_len // world_size // batch_size
+        self.epoch, self.start_sample = 0, 0
+        self.max_steps: int | None = None  # cap on optimizer steps per epoch (smoke / throughput runs)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch; ``start_batch`` skips batches already trained (mid-epoch resume)."""
-        self.epoch, self.start_batch = epoch, start_batch
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps left in the epoch from ``start_sample`` (all ranks take the same number)."""
+        steps = (self.dataset_len - self.start_sample) // self.global_batch
+        return steps if self.max_steps is None else max(0, min(steps, self.max_steps - self.steps_done))
 
-    def _order(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def steps_done(self) -> int:
+        return self.start_sample // self.global_batch
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Select the epoch; ``start_sample`` skips the samples (all ranks together) already trained."""
+        self.epoch, self.start_sample = epoch, start_sample
+
+    def epoch_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's global order of dataset indices and their augmentation seeds: a function of
+        (seed, epoch) only; consecutive copies of an image (repeated augmentation) share a step."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.dataset_len, generator=g)
-        if self.repeats > 1:  # consecutive copies land on consecutive ranks, as in DeiT
-            perm = perm.repeat_interleave(self.repeats)
+        if self.repeats > 1:
+            perm = perm.repeat_interleave(self.repeats)[: self.dataset_len]
         seeds = torch.randint(0, 2**62, (len(perm),), generator=g)
         return perm, seeds
 
+    def micro_batch_offset(self, i: int) -> int:
+        """Position in the epoch's global order of this rank's ``i``-th micro-batch (from
+        ``start_sample``): the key of its batch-level augmentation, the same on any world size."""
+        step, m = divmod(i, self.accum_steps)
+        return self.start_sample + step * self.global_batch + (m * self.world_size + self.rank) * self.micro_batch
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        perm, seeds = self._order()
-        mine = slice(self.rank, None, self.world_size)
-        perm, seeds = perm[mine], seeds[mine]
-        start, stop = self.start_batch * self.batch_size, self.batches_per_epoch * self.batch_size
-        yield from zip(perm[start:stop].tolist(), seeds[start:stop].tolist(), strict=True)
+        perm, seeds = self.epoch_order()
+        for i in range(self.steps_per_epoch * self.accum_steps):
+            start = self.micro_batch_offset(i)
+            stop = start + self.micro_batch
+            yield from zip(perm[start:stop].tolist(), seeds[start:stop].tolist(), strict=True)
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+        return self.steps_per_epoch * self.accum_steps * self.micro_batch
 
 
 class ShardedEvalSampler(Sampler[int]):

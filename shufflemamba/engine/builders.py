@@ -45,6 +45,34 @@ def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
     return timm.create_model(name, **kwargs).to(device)
 
 
+def resolve_accumulation(trainer_cfg: DictConfig, micro_batch: int, world_size: int) -> int:
+    """Gradient-accumulation steps: derived from ``trainer.global_batch`` when set (so a recipe's
+    global batch holds on any number of GPUs), else ``trainer.grad_accum_steps``."""
+    accum, global_batch = int(trainer_cfg.grad_accum_steps), trainer_cfg.get("global_batch")
+    if accum < 1:
+        raise UserError("trainer.grad_accum_steps must be >= 1")
+    if global_batch is None:
+        return accum
+    per_micro_step = micro_batch * world_size
+    if global_batch % per_micro_step:
+        per_rank = global_batch / world_size
+        sizes = [d for d in range(1, int(per_rank) + 1) if per_rank == int(per_rank) and int(per_rank) % d == 0]
+        below = max((d for d in sizes if d <= micro_batch), default=None)
+        above = min((d for d in sizes if d > micro_batch), default=None)
+        fix = " or ".join(str(d) for d in (below, above) if d) or f"none (it does not split over {world_size} ranks)"
+        raise UserError(
+            f"trainer.global_batch={global_batch} is not a whole number of micro-batches of data.batch_size="
+            f"{micro_batch} x {world_size} rank(s); nearest valid data.batch_size: {fix}"
+        )
+    derived = global_batch // per_micro_step
+    if accum not in (1, derived):
+        raise UserError(
+            f"trainer.grad_accum_steps={accum} contradicts trainer.global_batch={global_batch} "
+            f"(= {micro_batch} x {world_size} rank(s) x {derived}): set only trainer.global_batch"
+        )
+    return derived
+
+
 @dataclass
 class TrainData:
     """The loaders and on-device batch transforms of a training run."""
@@ -66,13 +94,11 @@ def build_train_data(cfg: DictConfig, dist: DistInfo, accum_steps: int) -> Train
     val_set = build_dataset(cfg.data, "val", build_eval_transform(cfg.data), is_main=dist.is_main)
     if dist.is_main:
         barrier()
-    train_loader, sampler = build_train_loader(train_set, cfg.data, cfg.aug, dist.rank, dist.world_size, tcfg.seed)
-    usable = sampler.batches_per_epoch // accum_steps * accum_steps
+    train_loader, sampler = build_train_loader(
+        train_set, cfg.data, cfg.aug, dist.rank, dist.world_size, accum_steps, tcfg.seed
+    )
     if tcfg.max_steps_per_epoch:
-        usable = min(usable, int(tcfg.max_steps_per_epoch) * accum_steps)
-    if usable == 0:
-        raise UserError("no full optimizer step fits in an epoch: lower data.batch_size or trainer.grad_accum_steps")
-    sampler.batches_per_epoch = usable
+        sampler.max_steps = int(tcfg.max_steps_per_epoch)
     num_classes = cfg.data.num_classes
     return TrainData(
         train_loader=train_loader,
@@ -80,7 +106,7 @@ def build_train_data(cfg: DictConfig, dist: DistInfo, accum_steps: int) -> Train
         val_loader=build_eval_loader(val_set, cfg.data, dist.rank, dist.world_size),
         train_transform=DeviceBatchTransform(cfg.data, cfg.aug, dist.device, num_classes),
         eval_transform=DeviceBatchTransform(cfg.data, None, dist.device, num_classes),
-        updates_per_epoch=usable // accum_steps,
+        updates_per_epoch=sampler.steps_per_epoch,
     )
 
 

@@ -30,7 +30,7 @@ from ..checkpoint import TrainingState
 from ..config import to_plain, validate
 from ..data.loader import release_workers
 from ..errors import NonFiniteLossError, StopRequested, UserError
-from ..rng import capture_rng, restore_rng, seed_all
+from ..rng import capture_rng, keyed_rng, restore_rng, seed_all
 from . import distributed as D
 from .builders import (
     build_criterion,
@@ -39,6 +39,7 @@ from .builders import (
     build_optimizer,
     build_scheduler,
     build_train_data,
+    resolve_accumulation,
     resolve_precision,
     scaled_lr,
 )
@@ -52,9 +53,10 @@ log = logging.getLogger("shufflemamba")
 class RunProgress:
     """Where the run is: the counters a resume continues from."""
 
-    epoch: int = 0  # the epoch in progress (or the next one, with step_in_epoch 0)
-    step_in_epoch: int = 0  # batches of that epoch already trained
+    epoch: int = 0  # the epoch in progress (or the next one, with sample_in_epoch 0)
+    sample_in_epoch: int = 0  # samples of that epoch already trained, all ranks together
     global_step: int = 0  # optimizer updates so far
+    global_batch: int = 0  # samples per update the run was trained with
     best_top1: float = -1.0
     best_epoch: int = -1
     nonfinite_steps: int = 0
@@ -121,9 +123,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         seed_all(tcfg.seed + self.dist.rank)  # ranks draw independently (drop path, shuffle)
         self.amp_dtype = resolve_precision(tcfg.precision, self.dist.device)
-        self.accum_steps = int(tcfg.grad_accum_steps)
-        if self.accum_steps < 1:
-            raise UserError("trainer.grad_accum_steps must be >= 1")
+        self.accum_steps = resolve_accumulation(tcfg, cfg.data.batch_size, self.dist.world_size)
 
         # model first: its config errors surface before any data is read (building the data draws no RNG)
         self.model = build_model(cfg, self.dist.device)
@@ -146,7 +146,7 @@ class Trainer:
         if tcfg.compile:
             self.train_model = torch.compile(self.train_model)
 
-        self.progress = RunProgress()
+        self.progress = RunProgress(global_batch=self.global_batch)
         self.consecutive_nonfinite = 0
         self.stop_requested = False
         self.config_plain = to_plain(cfg)
@@ -197,9 +197,30 @@ class Trainer:
                 raise UserError(f"trainer.resume: checkpoint not found: {path}")
             return
         self.state.load(path)
-        self.scheduler.step_update(num_updates=self.progress.global_step)
         p = self.progress
-        log.info("resumed from %s: epoch %d, batch %d, update %d", path, p.epoch, p.step_in_epoch, p.global_step)
+        if p.global_batch != self.global_batch:
+            if not self.cfg.trainer.allow_global_batch_change:
+                raise UserError(
+                    f"{path} was trained with a global batch of {p.global_batch}, this run has {self.global_batch} "
+                    f"(data.batch_size x world size x accumulation): keep trainer.global_batch={p.global_batch}, "
+                    f"or set trainer.allow_global_batch_change=true to continue with the new one"
+                )
+            log.warning(
+                "global batch %d -> %d: the epoch continues at sample %d",
+                p.global_batch,
+                self.global_batch,
+                p.sample_in_epoch,
+            )
+            p.global_batch = self.global_batch
+        self.scheduler.step_update(num_updates=p.global_step)
+        log.info(
+            "resumed from %s: epoch %d, sample %d, update %d (world size %d)",
+            path,
+            p.epoch,
+            p.sample_in_epoch,
+            p.global_step,
+            self.dist.world_size,
+        )
 
     # ---- the step -------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -244,15 +265,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.global_step)
 
-    def train_epoch(self, epoch: int, start_batch: int) -> EpochStats:
-        """Train ``epoch`` from batch ``start_batch``; checkpoints every
+    def train_epoch(self, epoch: int, start_sample: int) -> EpochStats:
+        """Train ``epoch`` from sample ``start_sample`` of its global order; checkpoints every
         ``trainer.checkpoint_every_steps`` updates and, on a stop request, checkpoints and raises
         :class:`StopRequested`."""
         tcfg, device, model = self.cfg.trainer, self.dist.device, self.train_model
         sampler, accum = self.data.train_sampler, self.accum_steps
         model.train()
-        sampler.set_epoch(epoch, start_batch)
-        batches = sampler.batches_per_epoch
+        sampler.set_epoch(epoch, start_sample)
+        updates = sampler.steps_per_epoch
+        batches = updates * accum
         # Device-side accumulators: nothing in a micro-batch waits for the host.
         window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite count (log window)
         epoch_sums = torch.zeros(2, dtype=torch.float64, device=device)  # the same over the epoch
@@ -260,13 +282,17 @@ class Trainer:
         skipped_images, epoch_images = 0, 0
         window_start = epoch_start = time.perf_counter()
         window_images = 0
-        bar = self._progress_bar(batches, start_batch, f"epoch {epoch}")
+        done = sampler.steps_done * accum
+        bar = self._progress_bar(done + batches, done, f"epoch {epoch}")
 
-        for batch_idx, (images, labels, failed) in enumerate(self.data.train_loader, start=start_batch):
+        for batch_idx, (images, labels, failed) in enumerate(self.data.train_loader):
             for name in failed:
                 log.warning("skipped undecodable image: %s", name)
             skipped_images += len(failed)
-            images, labels = self.data.train_transform(images, labels)
+            # Erasing / mixup draws are keyed by the micro-batch's place in the epoch's global
+            # order, so they are the same whichever rank (and world size) computes it.
+            with keyed_rng(tcfg.seed, epoch, sampler.micro_batch_offset(batch_idx)):
+                images, labels = self.data.train_transform(images, labels)
             is_update = (batch_idx + 1) % accum == 0
             no_sync = model.no_sync() if (self.dist.distributed and not is_update) else contextlib.nullcontext()
             with no_sync:
@@ -314,11 +340,12 @@ class Trainer:
 
             every = tcfg.checkpoint_every_steps
             if stop or (every and self.progress.global_step % every == 0 and self.consecutive_nonfinite == 0):
-                self.progress.epoch, self.progress.step_in_epoch = epoch, batch_idx + 1
+                trained = start_sample + (batch_idx + 1) // accum * self.global_batch
+                self.progress.epoch, self.progress.sample_in_epoch = epoch, trained
                 self.save_checkpoint()
             if stop:
                 bar.close()
-                raise StopRequested(f"stop requested: checkpoint written at epoch {epoch}, batch {batch_idx + 1}")
+                raise StopRequested(f"stop requested: checkpoint written at epoch {epoch}, sample {trained}")
         bar.close()
         seconds = time.perf_counter() - epoch_start
         loss_sum, count, skipped = D.all_reduce_sum(
@@ -354,6 +381,8 @@ class Trainer:
             {
                 "split": "setup",
                 "global_batch": self.global_batch,
+                "batch_size": cfg.data.batch_size,
+                "accum_steps": self.accum_steps,
                 "lr": self.lr,
                 "params": n_params,
                 "updates_per_epoch": self.data.updates_per_epoch,
@@ -370,7 +399,7 @@ class Trainer:
         last_eval: dict[str, Any] = {}
         first_epoch, epoch_seconds = self.progress.epoch, []
         for epoch in range(first_epoch, tcfg.epochs):
-            stats = self.train_epoch(epoch, self.progress.step_in_epoch if epoch == first_epoch else 0)
+            stats = self.train_epoch(epoch, self.progress.sample_in_epoch if epoch == first_epoch else 0)
             epoch_seconds.append(stats.seconds)
             eta = (tcfg.epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds)
             summary = (
@@ -385,7 +414,7 @@ class Trainer:
                 summary += f" | best {self.progress.best_top1:.2f}% (epoch {self.progress.best_epoch})"
             log.info(summary)
             is_best = bool(last_eval) and last_eval["epoch"] == epoch and last_eval["best"]
-            self.progress.epoch, self.progress.step_in_epoch = epoch + 1, 0
+            self.progress.epoch, self.progress.sample_in_epoch = epoch + 1, 0
             self.save_checkpoint(best=is_best)
         if self.dist.is_main:
             log.info(

@@ -104,6 +104,65 @@ def test_sigkill_after_a_checkpoint_and_resume_is_bitwise_exact(tmp_path):
     _assert_bitwise_equal(_weights(ref_dir / "checkpoints" / "last.pt"), _weights(last))
 
 
+WORLD_FREE = [  # no model-side randomness: what is left must not depend on the world size
+    *TINY,
+    "data.batch_size=16",
+    "trainer.global_batch=64",
+    "trainer.deterministic=true",
+    "trainer.checkpoint_every_steps=2",
+    "model.shuffle_rate=0.0",
+    "model.drop_path_rate=0.0",
+]
+
+
+def _kill_after_first_checkpoint(overrides: list[str], run_dir: Path, nproc: int) -> None:
+    """Start a torchrun group and SIGKILL all of it once it has written last.pt (mid-epoch)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    proc = subprocess.Popen(
+        [*cmd, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 180
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the run ended before writing a checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aug", [["aug=none"], ["aug=none", "aug.mixup=0.8", "aug.cutmix=1.0", "aug.reprob=0.25"]])
+def test_a_two_rank_run_killed_mid_epoch_resumes_on_one_rank_with_the_same_weights(aug, tmp_path):
+    overrides = [*WORLD_FREE, *aug]
+    reference, run_dir = tmp_path / "two_ranks", tmp_path / "killed"
+    run_script("train.py", *overrides, f"hydra.run.dir={reference}", torchrun=2)
+    _kill_after_first_checkpoint(overrides, run_dir, nproc=2)
+    killed_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert killed_at["epoch"] == 0 and killed_at["sample_in_epoch"] == 2 * 64  # after 2 updates of epoch 0
+
+    # the global batch is part of the run: another one is refused, in one line, before training
+    line = run_script("train.py", *overrides, "trainer.global_batch=32", f"hydra.run.dir={run_dir}", check=False)
+    assert line.returncode == 2 and "trained with a global batch of 64, this run has 32" in line.stderr
+    proc = run_script("train.py", *overrides, f"hydra.run.dir={run_dir}")  # one process: 16 x 1 x 4
+    assert "RNG streams restart" in proc.stderr and "resumed from" in proc.stderr
+
+    a, b = _weights(reference / "checkpoints" / "last.pt"), _weights(run_dir / "checkpoints" / "last.pt")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"max abs weight difference, 2 ranks vs killed + resumed on 1 rank ({aug}): {worst:.3g}")
+    assert worst <= 1e-4, worst
+    rows = read_metrics(run_dir)
+    setup = [r for r in rows if r["split"] == "setup"]
+    assert [(r["world_size"], r["batch_size"], r["accum_steps"], r["global_batch"]) for r in setup] == [
+        (2, 16, 2, 64),
+        (1, 16, 4, 64),
+    ]
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path):
     run_dir = tmp_path / "run"

@@ -65,6 +65,15 @@ def test_every_preset_composes_for_training_and_eval(experiment):
     ev = compose_cfg("eval", [f"experiment={experiment}", "checkpoint=x.pt", "data.root=/data/imagenet"])
     assert ev.model.name == cfg.model.name and ev.data.img_size == cfg.data.img_size
     assert ev.eval.precision == cfg.trainer.precision  # a preset's precision reaches eval too
+    published_global_batch = {  # reference doc, section 4 (8 GPUs x per-GPU batch [x accumulation])
+        "vim_tiny_in1k": 1024,
+        "vim_small_in1k": 512,
+        "shufflemamba_base_in1k": 2048,
+        "vmamba_tiny_in1k": 1024,
+        "mambaout_tiny_in1k": 4096,
+        "deit_tiny_in1k": 1024,
+    }
+    assert cfg.trainer.global_batch == published_global_batch.get(experiment)  # the demo: null (one process)
     name = cfg.model.name
     if name in VIM_SIZES:  # our sizes: the registry's published rates apply, no preset repeats them
         assert (cfg.model.shuffle_rate, cfg.model.drop_path_rate) == (None, None) or experiment == "demo"
@@ -81,7 +90,7 @@ def test_every_preset_composes_for_training_and_eval(experiment):
         assert (cfg.trainer.clip_grad, cfg.aug.repeated_aug, cfg.sched.warmup_epochs) == (5.0, 1, 20)
         assert (cfg.trainer.ema.decay, cfg.data.crop_pct) == (0.9999, 0.875)
     if experiment == "mambaout_tiny_in1k":
-        global_batch = cfg.data.batch_size * 8 * cfg.trainer.grad_accum_steps
+        global_batch = cfg.trainer.global_batch
         assert (global_batch, cfg.optim.base_lr * global_batch / 512) == (4096, 4e-3)  # lr 4e-3 at 4096
         assert _built_rates(cfg)[1] == pytest.approx(0.2)
         assert (cfg.trainer.ema.enabled, cfg.data.crop_pct) == (False, 1.0)

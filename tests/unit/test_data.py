@@ -73,7 +73,8 @@ def test_repeated_augmentation_sampler_covers_copies_across_ranks(world):
     n, batch, repeats = 100, 4, 3
     samplers = [ResumableTrainSampler(n, batch, r, world, repeats=repeats, seed=1) for r in range(world)]
     per_rank = [list(s) for s in samplers]
-    assert all(len(p) == n // world // batch * batch == len(s) for p, s in zip(per_rank, samplers, strict=True))
+    steps = n // (batch * world)
+    assert all(len(p) == steps * batch == len(s) for p, s in zip(per_rank, samplers, strict=True))
     indices = [i for p in per_rank for i, _ in p]
     counts = np.bincount(indices, minlength=n)
     assert counts.max() <= repeats and len(set(indices)) < len(indices)  # repeated copies
@@ -84,12 +85,45 @@ def test_repeated_augmentation_sampler_covers_copies_across_ranks(world):
     assert list(s) != per_rank[0]
 
 
+def _steps(world: int, micro: int, accum: int, n: int = 120, epoch: int = 2, start: int = 0) -> list[list]:
+    """Per optimizer step, the sorted (index, seed) pairs trained by all ranks together."""
+    samplers = [ResumableTrainSampler(n, micro, r, world, accum_steps=accum, repeats=3, seed=7) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch, start)
+    per_rank = [list(s) for s in samplers]
+    per_step = micro * accum
+    return [
+        sorted(item for items in per_rank for item in items[k * per_step : (k + 1) * per_step])
+        for k in range(len(per_rank[0]) // per_step)
+    ]
+
+
+def test_each_step_trains_the_same_samples_and_seeds_on_any_world_size_and_split():
+    """Global batch 24: 1 rank x 24, 1 x 12 x 2 steps, 2 x 12, 2 x 6 x 2, 4 x 6, 4 x 3 x 2."""
+    reference = _steps(world=1, micro=24, accum=1)
+    assert len(reference) == 120 // 24 and all(len(step) == 24 for step in reference)
+    for world, micro, accum in [(1, 12, 2), (2, 12, 1), (2, 6, 2), (4, 6, 1), (4, 3, 2)]:
+        assert _steps(world, micro, accum) == reference, (world, micro, accum)
+    # resuming at a sample position continues the same steps, on another world size too
+    assert _steps(world=4, micro=3, accum=2, start=48) == reference[2:]
+
+
+def test_micro_batch_offsets_tile_the_global_order_identically_across_splits():
+    one = ResumableTrainSampler(64, 8, 0, 1, accum_steps=4)
+    two = [ResumableTrainSampler(64, 8, r, 2, accum_steps=2) for r in range(2)]
+    assert [one.micro_batch_offset(i) for i in range(4)] == [0, 8, 16, 24]
+    assert sorted(s.micro_batch_offset(i) for s in two for i in range(2)) == [0, 8, 16, 24]
+    assert two[1].micro_batch_offset(1) == 24 and one.micro_batch_offset(4) == 32  # next step
+
+
 def test_train_sampler_resumes_mid_epoch_exactly():
     s = ResumableTrainSampler(64, 4, repeats=1, seed=3)
     s.set_epoch(5)
     full = list(s)
-    s.set_epoch(5, start_batch=6)
-    assert list(s) == full[24:] and len(s) == len(full) - 24
+    s.set_epoch(5, start_sample=24)
+    assert list(s) == full[24:] and len(s) == len(full) - 24 and s.steps_per_epoch == 10
+    s.max_steps = 8  # trainer.max_steps_per_epoch counts the steps already done
+    assert s.steps_per_epoch == 2
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (360, 2), (7, 8), (1, 1)])

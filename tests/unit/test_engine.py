@@ -8,7 +8,7 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 from shufflemamba.checkpoint import TrainingState
 from shufflemamba.data.samplers import ResumableTrainSampler
-from shufflemamba.engine.builders import build_optimizer, build_scheduler
+from shufflemamba.engine.builders import build_optimizer, build_scheduler, resolve_accumulation
 from shufflemamba.engine.trainer import RunProgress
 from shufflemamba.errors import CheckpointError, UserError
 
@@ -44,7 +44,10 @@ def test_step_schedule_decays_every_decay_epochs_after_warmup():
 
 
 def test_training_state_saves_and_restores_every_declared_component(tmp_path):
-    model, progress = tiny_vim(), RunProgress(epoch=3, step_in_epoch=5, global_step=40, best_top1=12.5)
+    model, progress = (
+        tiny_vim(),
+        RunProgress(epoch=3, sample_in_epoch=160, global_step=40, global_batch=32, best_top1=12.5),
+    )
     optimizer = build_optimizer(compose_cfg("train", []).optim, model, lr=1e-3)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
@@ -68,5 +71,37 @@ def test_training_state_saves_and_restores_every_declared_component(tmp_path):
 
 
 def test_a_dataset_smaller_than_one_batch_is_a_user_error_with_the_fix():
-    with pytest.raises(UserError, match="14 training images cannot fill one batch of 64 on each of 1 rank.*at most 14"):
-        ResumableTrainSampler(14, 64)
+    with pytest.raises(UserError, match=r"14 training images cannot fill one global batch of 64 \(32 per micro"):
+        ResumableTrainSampler(14, 32, world_size=2)
+
+
+def _trainer_cfg(**kw):
+    return OmegaConf.create({"grad_accum_steps": 1, "global_batch": None, **kw})
+
+
+def test_accumulation_is_derived_from_the_global_batch():
+    assert resolve_accumulation(_trainer_cfg(global_batch=2048), micro_batch=64, world_size=2) == 16
+    assert resolve_accumulation(_trainer_cfg(global_batch=2048), micro_batch=256, world_size=8) == 1
+    assert resolve_accumulation(_trainer_cfg(grad_accum_steps=3), micro_batch=8, world_size=1) == 3
+    assert resolve_accumulation(_trainer_cfg(global_batch=64, grad_accum_steps=4), 16, 1) == 4  # agreeing is fine
+
+
+@pytest.mark.parametrize(
+    ("kw", "micro", "world", "message"),
+    [
+        (
+            {"global_batch": 2048},
+            96,
+            2,
+            "not a whole number of micro-batches of data.batch_size=96 x 2 rank(s); "
+            "nearest valid data.batch_size: 64 or 128",
+        ),
+        ({"global_batch": 100}, 16, 3, "nearest valid data.batch_size: none (it does not split over 3 ranks)"),
+        ({"global_batch": 64, "grad_accum_steps": 2}, 16, 1, "trainer.grad_accum_steps=2 contradicts"),
+        ({"grad_accum_steps": 0}, 16, 1, "trainer.grad_accum_steps must be >= 1"),
+    ],
+)
+def test_impossible_batch_settings_are_one_line(kw, micro, world, message):
+    with pytest.raises(UserError) as err:
+        resolve_accumulation(_trainer_cfg(**kw), micro, world)
+    assert message in str(err.value) and "\n" not in str(err.value)
