@@ -12,12 +12,15 @@ that structure, for comparison and as a fallback).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
 import torch
-from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -160,14 +163,16 @@ def resize_pos_embed(
     pos_embed: Tensor,
     new_grid: tuple[int, int],
     old_grid: tuple[int, int] | None = None,
-    cls_position: ClsPosition = "middle",
+    cls_position: ClsPosition | None = "middle",
 ) -> Tensor:
-    """Bicubic resize of the patch part of a (1, M + 1, D) position embedding.
+    """Bicubic resize of the patch part of a (1, M [+ 1], D) position embedding.
 
     The class-token entry (at M // 2 for Vim, 0 for ShuffleMamba) is kept and put back at
-    the index the new grid uses. ``old_grid`` defaults to a square grid.
+    the index the new grid uses; ``cls_position=None`` for embeddings with no class slot
+    (the register models keep their tokens' embedding apart). ``old_grid`` defaults to a square grid.
     """
-    num_old = pos_embed.shape[1] - 1
+    has_cls = cls_position is not None
+    num_old = pos_embed.shape[1] - int(has_cls)
     if old_grid is None:
         side = int(math.isqrt(num_old))
         if side * side != num_old:
@@ -175,14 +180,50 @@ def resize_pos_embed(
         old_grid = (side, side)
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
+    resample = partial(
+        resample_abs_pos_embed,
+        new_size=list(new_grid),
+        old_size=list(old_grid),
+        num_prefix_tokens=0,
+        interpolation="bicubic",
+        antialias=False,
+    )
+    if not has_cls:
+        return resample(pos_embed)
     idx = _cls_index(num_old, cls_position)
     cls = pos_embed[:, idx : idx + 1]
-    patches = torch.cat([pos_embed[:, :idx], pos_embed[:, idx + 1 :]], dim=1)
-    patches = resample_abs_pos_embed(
-        patches, list(new_grid), list(old_grid), num_prefix_tokens=0, interpolation="bicubic", antialias=False
-    )
+    patches = resample(torch.cat([pos_embed[:, :idx], pos_embed[:, idx + 1 :]], dim=1))
     new_idx = _cls_index(new_grid[0] * new_grid[1], cls_position)
     return torch.cat([patches[:, :new_idx], cls, patches[:, new_idx:]], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding whose stride may be smaller than its kernel (Vim's "finer
+    granularity" models: kernel 16, stride 8, a 27 x 27 grid at 224 px). Same state-dict name
+    (``proj``) as timm's ``PatchEmbed``; returns tokens (B, N, D) and their (H, W) grid."""
+
+    def __init__(
+        self, img_size: int | tuple[int, int], patch_size: int, stride: int, in_chans: int, embed_dim: int, strict: bool
+    ) -> None:
+        super().__init__()
+        self.img_size, self.patch_size, self.stride = to_2tuple(img_size), to_2tuple(patch_size), to_2tuple(stride)
+        self.grid_size = self.feat_size(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict = strict
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
+
+    def feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The token grid of an input of ``img_size`` (H, W)."""
+        return tuple((s - k) // st + 1 for s, k, st in zip(img_size, self.patch_size, self.stride, strict=True))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if self.strict and tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's {self.img_size}; "
+                f"build it with img_size=... or dynamic_img_size=True"
+            )
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (x.shape[-2], x.shape[-1])
 
 
 class VisionMamba(nn.Module):
@@ -190,13 +231,15 @@ class VisionMamba(nn.Module):
 
     Tokens: patch embeddings with one class token, in the middle (Vim) or at the head
     (ShuffleMamba), plus a learned absolute position embedding. The class token is read
-    out after the final norm.
+    out after the final norm. The token layout and the readout are small overridable
+    methods (:mod:`.vim_reg` places register tokens through the sequence instead).
     """
 
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
+        stride: int | None = None,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "token",
@@ -224,33 +267,25 @@ class VisionMamba(nn.Module):
             raise ValueError(f"cls_position must be 'middle' or 'head', got {cls_position!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
+        self.num_features = self.embed_dim = embed_dim
         self.cls_position = cls_position
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.norm_layer = partial(nn.RMSNorm if rms_norm else nn.LayerNorm, eps=norm_eps)
 
         self.patch_embed = PatchEmbed(
-            img_size,
-            patch_size,
-            in_chans,
-            embed_dim,
-            strict_img_size=not dynamic_img_size,
-            output_fmt="NHWC" if dynamic_img_size else None,  # keep the grid to resize pos_embed
+            img_size, patch_size, stride or patch_size, in_chans, embed_dim, strict=not dynamic_img_size
         )
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self._init_tokens(self.patch_embed.num_patches)
         self.pos_drop = nn.Dropout(drop_rate)
 
-        norm_layer = partial(nn.RMSNorm if rms_norm else nn.LayerNorm, eps=norm_eps)
         # Vim's schedule: linspace(0, rate, depth) shifted by one; the final add uses the full rate.
         dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList(
             [
                 MambaBlock(
                     embed_dim,
-                    norm_layer=norm_layer,
+                    norm_layer=self.norm_layer,
                     drop_path=dpr[i],
                     residual_in_fp32=residual_in_fp32,
                     d_state=d_state,
@@ -263,10 +298,34 @@ class VisionMamba(nn.Module):
             ]
         )
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
-        self.norm_f = norm_layer(embed_dim)
+        self.norm_f = self.norm_layer(embed_dim)
         self.shuffle = LayerwiseShuffle(shuffle_rate, depth, per_sample=shuffle_per_sample)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(num_classes)
         self.init_weights()
+
+    # ---- what the register variant overrides ------------------------------------------------
+    def _init_tokens(self, num_patches: int) -> None:
+        """One class token; one position embedding for patches and class token together."""
+        self.num_prefix_tokens = 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, self.embed_dim))
+
+    def _init_head(self, num_classes: int) -> None:
+        self.head_hidden_size = self.embed_dim
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def token_positions(self, num_patches: int) -> Tensor:
+        """Indices of the readout tokens in the sequence of ``num_patches`` patches."""
+        return torch.tensor([_cls_index(num_patches, self.cls_position)])
+
+    def _insert_tokens(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Patch tokens (B, M, D) -> the sequence with the class token, plus position embedding."""
+        pos_embed = self.pos_embed
+        if tuple(grid) != tuple(self.patch_embed.grid_size):
+            pos_embed = resize_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.cls_position)
+        idx = _cls_index(x.shape[1], self.cls_position)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :idx], cls, x[:, idx:]], dim=1) + pos_embed
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -289,7 +348,7 @@ class VisionMamba(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Tokens and the SSM's A / D (both directions) never decay; timm adds every 1-D tensor."""
-        names = {"pos_embed", "cls_token"}
+        names = {name for name, _ in self.named_parameters() if name.startswith(("pos_embed", "cls_token"))}
         for name, _ in self.named_parameters():
             if name.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b"):
                 names.add(name)
@@ -297,10 +356,11 @@ class VisionMamba(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups for layer-wise lr decay: stem, one group per block, then the final norm."""
+        """Parameter groups for layer-wise lr decay: stem (patch embedding, tokens and their
+        position embeddings), one group per block, then everything after the blocks."""
         return dict(
             stem=r"^cls_token|^pos_embed|^patch_embed",
-            blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))],
+            blocks=[(r"^layers\.(\d+)", None), (r"^norm_f|^neck|^norm_neck", (99999,))],
         )
 
     @torch.jit.ignore
@@ -315,29 +375,21 @@ class VisionMamba(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     # ---- forward --------------------------------------------------------------------------
-    def _tokens(self, x: Tensor) -> Tensor:
-        """Patch embed, insert the class token, add the (resized if needed) position embedding."""
-        x = self.patch_embed(x)
-        if x.dim() == 4:  # dynamic_img_size: PatchEmbed keeps NHWC
-            grid = tuple(x.shape[1:3])
-            x = x.flatten(1, 2)
-        else:
-            grid = self.patch_embed.grid_size
-        pos_embed = self.pos_embed
-        if tuple(grid) != tuple(self.patch_embed.grid_size):
-            pos_embed = resize_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.cls_position)
-        idx = _cls_index(x.shape[1], self.cls_position)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([x[:, :idx], cls, x[:, idx:]], dim=1)
-        return self.pos_drop(x + pos_embed)
+    def _tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images -> the token sequence with position embedding, and the patch grid."""
+        x, grid = self.patch_embed(x)
+        return self.pos_drop(self._insert_tokens(x, grid)), grid
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> normalised tokens (B, M + 1, D)."""
-        hidden, residual = self._tokens(x), None
-        for i, layer in enumerate(self.layers):
+    def _run_blocks(
+        self, hidden: Tensor, take: Sequence[int] = (), stop: int | None = None
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The blocks (shuffle, checkpointing) up to ``stop``: last hidden, last residual, and the
+        residual stream (residual + block output) after each block in ``take``."""
+        residual, taken = None, []
+        for i, layer in enumerate(self.layers[:stop]):
             perm = self.shuffle.sample(i, hidden)
             if perm is not None:
                 hidden = permute_tokens(hidden, perm)
@@ -348,8 +400,19 @@ class VisionMamba(nn.Module):
                 hidden, residual = layer(hidden, residual)
             if perm is not None:
                 hidden, residual = restore_tokens(hidden, perm), restore_tokens(residual, perm)
+            if i in take:
+                taken.append(residual + hidden)
+        return hidden, residual, taken
+
+    def _final(self, hidden: Tensor, residual: Tensor) -> Tensor:
         residual = residual + self.drop_path(hidden)
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, M + prefix tokens, D)."""
+        hidden, _ = self._tokens(x)
+        hidden, residual, _ = self._run_blocks(hidden)
+        return self._final(hidden, residual)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "token":
@@ -358,6 +421,54 @@ class VisionMamba(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ---- intermediate features (timm's API, for detection / segmentation backbones) -----
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The residual stream after the blocks in ``indices`` (last n if int, all if None),
+        optionally through ``norm_f``; NCHW maps of the patch tokens (class / register tokens
+        split off, returned beside them with ``return_prefix_tokens``) or NLC sequences."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        hidden, grid = self._tokens(x)
+        hidden, residual, intermediates = self._run_blocks(hidden, take, max_index + 1 if stop_early else None)
+        if norm:
+            intermediates = [self.norm_f(y.to(self.norm_f.weight.dtype)) for y in intermediates]
+        num_patches = grid[0] * grid[1]
+        prefix_idx = self.token_positions(num_patches).to(x.device)
+        keep = torch.ones(num_patches + len(prefix_idx), dtype=torch.bool, device=x.device)
+        keep[prefix_idx] = False
+        prefix = [y[:, prefix_idx] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y[:, keep].reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2) for y in intermediates]
+        else:
+            intermediates = [y[:, keep] for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self._final(hidden, residual), intermediates  # with stop_early: after the last block taken
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last index taken (and the final norm / head if asked)."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]  # the shuffle keeps its depth: same p per kept block
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionMamba) -> dict[str, Tensor]:
@@ -390,6 +501,8 @@ default_cfgs = generate_default_cfgs(
         "vim_tiny_patch16_224.in1k": _cfg(paper_ids="arXiv:2401.09417", notes=("top-1 76.1",)),
         "vim_small_patch16_224.in1k": _cfg(paper_ids="arXiv:2401.09417", notes=("top-1 80.5",)),
         "vim_base_patch16_224.in1k": _cfg(paper_ids="arXiv:2401.09417", notes=("top-1 81.9",)),
+        "vim_tiny_patch16_stride8_224.in1k": _cfg(paper_ids="arXiv:2401.09417", notes=("top-1 78.3",)),
+        "vim_small_patch16_stride8_224.in1k": _cfg(paper_ids="arXiv:2401.09417", notes=("top-1 81.6",)),
         "shufflemamba_tiny_patch16_224.in1k": _cfg(paper_ids="arXiv:2408.17081"),
         "shufflemamba_small_patch16_224.in1k": _cfg(paper_ids="arXiv:2408.17081"),
         "shufflemamba_middle_patch16_224.in1k": _cfg(paper_ids="arXiv:2408.17081"),
@@ -398,33 +511,49 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# name: (embed_dim, depth, rms_norm, cls_position, shuffle_rate, drop_path_rate). The one home of
-# each size's rates: model YAMLs leave them null, recipes (conf/experiment) override.
-# Published: ShuffleMamba-B shuffle 0.5 / drop path 0.5; Vim-T 0.0 and Vim-S 0.05 drop path.
-# Our choice where nothing is published: both rates grow with model size (T 0.1/0.0,
-# S 0.2/0.05, M 0.4/0.4, L 0.6/0.6), and Vim-B uses drop path 0.1.
-VIM_SIZES: dict[str, tuple[int, int, bool, ClsPosition, float, float]] = {
-    "vim_tiny_patch16_224": (192, 24, True, "middle", 0.0, 0.0),
-    "vim_small_patch16_224": (384, 24, True, "middle", 0.0, 0.05),
-    "vim_base_patch16_224": (768, 24, True, "middle", 0.0, 0.1),
-    "shufflemamba_tiny_patch16_224": (192, 24, True, "head", 0.1, 0.0),
-    "shufflemamba_small_patch16_224": (384, 24, True, "head", 0.2, 0.05),
-    "shufflemamba_middle_patch16_224": (576, 32, False, "head", 0.4, 0.4),
-    "shufflemamba_base_patch16_224": (768, 24, True, "head", 0.5, 0.5),
-    "shufflemamba_large_patch16_224": (1024, 48, True, "head", 0.6, 0.6),
+
+@dataclass(frozen=True)
+class VimSize:
+    """A registered size: its architecture and its default regularisation rates (the one home
+    of the rates; model YAMLs leave them null, recipes override)."""
+
+    embed_dim: int
+    depth: int
+    rms_norm: bool
+    cls_position: ClsPosition
+    shuffle_rate: float
+    drop_path_rate: float
+    stride: int | None = None  # patch-embedding stride (None: the patch size); 8 for the "finer granularity" models
+
+
+# Published: ShuffleMamba-B shuffle 0.5 / drop path 0.5; Vim-T 0.0 and Vim-S 0.05 drop path; the
+# stride-8 models are fine-tuned with drop path 0. Our choice where nothing is published: both
+# rates grow with model size (T 0.1/0.0, S 0.2/0.05, M 0.4/0.4, L 0.6/0.6), Vim-B drop path 0.1.
+VIM_SIZES: dict[str, VimSize] = {
+    "vim_tiny_patch16_224": VimSize(192, 24, True, "middle", 0.0, 0.0),
+    "vim_small_patch16_224": VimSize(384, 24, True, "middle", 0.0, 0.05),
+    "vim_base_patch16_224": VimSize(768, 24, True, "middle", 0.0, 0.1),
+    "vim_tiny_patch16_stride8_224": VimSize(192, 24, True, "middle", 0.0, 0.0, stride=8),
+    "vim_small_patch16_stride8_224": VimSize(384, 24, True, "middle", 0.0, 0.0, stride=8),
+    "shufflemamba_tiny_patch16_224": VimSize(192, 24, True, "head", 0.1, 0.0),
+    "shufflemamba_small_patch16_224": VimSize(384, 24, True, "head", 0.2, 0.05),
+    "shufflemamba_middle_patch16_224": VimSize(576, 32, False, "head", 0.4, 0.4),
+    "shufflemamba_base_patch16_224": VimSize(768, 24, True, "head", 0.5, 0.5),
+    "shufflemamba_large_patch16_224": VimSize(1024, 48, True, "head", 0.6, 0.6),
 }
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    embed_dim, depth, rms_norm, cls_position, shuffle_rate, drop_path_rate = VIM_SIZES[variant]
+    size = VIM_SIZES[variant]
     defaults = dict(
         patch_size=16,
-        embed_dim=embed_dim,
-        depth=depth,
-        rms_norm=rms_norm,
-        cls_position=cls_position,
-        shuffle_rate=shuffle_rate,
-        drop_path_rate=drop_path_rate,
+        stride=size.stride,
+        embed_dim=size.embed_dim,
+        depth=size.depth,
+        rms_norm=size.rms_norm,
+        cls_position=size.cls_position,
+        shuffle_rate=size.shuffle_rate,
+        drop_path_rate=size.drop_path_rate,
     )
     return build_model_with_cfg(
         VisionMamba,
@@ -448,6 +577,16 @@ def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamb
 @register_model
 def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     return _create("vim_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("vim_tiny_patch16_stride8_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    return _create("vim_small_patch16_stride8_224", pretrained, **kwargs)
 
 
 @register_model

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import Permute
@@ -167,13 +168,17 @@ class VMambaStage(nn.Module):
         self.downsample = downsample
         self.grad_checkpointing = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def run_blocks(self, x: Tensor) -> Tensor:
+        """The stage's blocks, without the downsampling that follows them."""
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.downsample(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.downsample(self.run_blocks(x))
 
 
 class VMamba(nn.Module):
@@ -288,6 +293,48 @@ class VMamba(nn.Module):
         for stage in self.layers:
             x = stage(x)
         return x
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Per-stage feature maps (after each stage's blocks, before its downsampling; strides
+        4, 8, 16, 32) for the stages in ``indices`` (last n if int, all if None), NCHW or NHWC.
+        ``norm`` applies the classifier's norm to the last stage's map (timm's convention)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        intermediates = []
+        x = self.patch_embed(x)
+        last = len(self.layers) - 1
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        for i, stage in enumerate(stages):
+            x = stage.run_blocks(x)
+            if i in take:
+                y = self.classifier["norm"](x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+            x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last index taken (and the final norm / head if asked)."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        self.layers[-1].downsample = nn.Identity()
+        if prune_norm:
+            self.classifier["norm"] = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.classifier["norm"](x)

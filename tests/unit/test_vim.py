@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import tiny_vim as tiny
 
 import shufflemamba  # noqa: F401  (registers the models)
-from shufflemamba.models import VIM_SIZES
+from shufflemamba.models import REG_SIZES, VIM_SIZES
 from shufflemamba.ops import use_backend
 
 PUBLISHED_PARAMS = {  # 1000 classes; exact counts of the official architectures
@@ -21,15 +21,19 @@ PUBLISHED_PARAMS = {  # 1000 classes; exact counts of the official architectures
     "shufflemamba_middle_patch16_224": 74_236_456,  # 74.24M
     "shufflemamba_base_patch16_224": 97_598_440,  # 97.60M
     "shufflemamba_large_patch16_224": 340_034_536,  # 340.03M
+    "vim_tiny_patch16_stride8_224": 7_250_344,  # Vim-T†, 729 patches
+    "vim_small_patch16_stride8_224": 26_001_256,  # Vim-S†
+    "shufflemamba_reg_base_patch16_224": 99_301_096,  # 12 registers, reduce 4
+    "shufflemamba_reg_large_patch16_224": 341_222_376,  # 16 registers, reduce 8
 }
 
 
-@pytest.mark.parametrize("name", sorted(VIM_SIZES))
+@pytest.mark.parametrize("name", sorted([*VIM_SIZES, *REG_SIZES]))
 def test_every_registered_size_has_the_published_parameter_count(name):
     with torch.device("meta"):
         model = timm.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
-    assert model.pretrained_cfg["crop_pct"] == 0.875
+    assert model.pretrained_cfg["crop_pct"] == (1.0 if name in REG_SIZES else 0.875)
     assert model.pretrained_cfg["interpolation"] == "bicubic"
 
 
@@ -182,3 +186,40 @@ def test_timm_surface_optimizer_groups_and_checkpointing():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_stride8_grid_class_index_and_names_match_the_stride16_model():
+    """Vim-T†: kernel 16, stride 8 -> a 27 x 27 grid at 224 px, class token at 364 of 730."""
+    with torch.device("meta"):
+        fine, coarse = timm.create_model("vim_tiny_patch16_stride8_224"), timm.create_model("vim_tiny_patch16_224")
+    assert fine.patch_embed.grid_size == (27, 27) and fine.patch_embed.num_patches == 729
+    assert fine.pos_embed.shape == (1, 730, 192) and fine.patch_embed.proj.stride == (8, 8)
+    assert fine.token_positions(729).tolist() == [364]
+    sd_fine, sd_coarse = fine.state_dict(), coarse.state_dict()
+    assert sd_fine.keys() == sd_coarse.keys()  # the official names; only pos_embed's length differs
+    assert [k for k in sd_fine if sd_fine[k].shape != sd_coarse[k].shape] == ["pos_embed"]
+    small = tiny("vim_tiny_patch16_stride8_224", img_size=40, patch_size=16, stride=8)  # (40 - 16) // 8 + 1 = 4
+    tokens = small.forward_features(torch.randn(2, 3, 40, 40))
+    assert tokens.shape == (2, 17, 32) and small(torch.randn(2, 3, 40, 40)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ["vim_tiny_patch16_224", "shufflemamba_tiny_patch16_224"])
+def test_forward_intermediates_shapes_and_consistency_with_forward(name):
+    model = tiny(name, depth=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)  # all blocks, NCHW patch maps, prefix dropped
+        assert len(maps) == 4 and all(m.shape == (2, 32, 4, 4) for m in maps)
+        torch.testing.assert_close(final, model.forward_features(x))
+        last = model.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True)[0]
+        cls = model.token_positions(16).item()
+        patches = torch.cat([final[:, :cls], final[:, cls + 1 :]], 1)  # eval: norm of the same stream
+        torch.testing.assert_close(last.flatten(2).transpose(1, 2), patches)
+        seq = model.forward_intermediates(x, indices=2, output_fmt="NLC", return_prefix_tokens=True, stop_early=True)
+        ((early, prefix),) = seq[1][1:]
+        assert early.shape == (2, 16, 32) and prefix.shape == (2, 1, 32)
+        torch.testing.assert_close(seq[1][0][0].transpose(1, 2).reshape(2, 32, 4, 4), maps[2])
+    kept = model.prune_intermediate_layers(indices=[1])
+    assert kept == [1] and len(model.layers) == 2 and isinstance(model.head, torch.nn.Identity)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")

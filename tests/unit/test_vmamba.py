@@ -157,3 +157,20 @@ def test_any_input_size_and_the_timm_surface():
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and model.layers[0].blocks[0].op.x_proj_weight.grad is not None
+
+
+def test_forward_intermediates_are_the_stage_maps_before_downsampling():
+    model = tiny_vmamba().eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert [tuple(m.shape) for m in maps] == [(2, 8, 16, 12), (2, 16, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)]
+        torch.testing.assert_close(final, model.forward_features(x))
+        torch.testing.assert_close(maps[-1].permute(0, 2, 3, 1), final)  # the last stage has no downsampling
+        normed = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NHWC", intermediates_only=True)
+        torch.testing.assert_close(normed[0], model.classifier["norm"](final))
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], maps[1])
+    assert model.prune_intermediate_layers(indices=[1]) == [1] and len(model.layers) == 2
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (2, 8, 6, 16)  # stage 2's map, no downsampling after it
