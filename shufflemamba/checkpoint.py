@@ -38,12 +38,14 @@ __all__ = [
     "CheckpointError",
     "Stateful",
     "TrainingState",
+    "load_for_finetune",
     "load_weights",
     "read_checkpoint",
     "save_atomic",
     "select_state_dict",
     "unwrap_state_dict",
     "uses_ema",
+    "weights_choice",
 ]
 
 
@@ -78,8 +80,18 @@ def uses_ema(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> bool
         where = (
             f"the checkpoint has no 'model_ema' (keys: {sorted(checkpoint)})" if wrapped else "it is a raw state dict"
         )
-        raise CheckpointError(f"use_ema=True but {where}; evaluate the raw weights instead (eval.ema=false)")
+        raise CheckpointError(
+            f"EMA weights asked for but {where}; take the raw ones (eval.ema=false / finetune_ema=false)"
+        )
     return has_ema and use_ema is not False
+
+
+def weights_choice(checkpoint: Mapping[str, Any], use_ema: bool | None) -> bool | None:
+    """``eval.ema`` / ``finetune_ema``: an explicit choice wins; null takes the weights our best.pt
+    was chosen by (its ``best_weights``), else (:func:`uses_ema`) EMA when present."""
+    if use_ema is None and checkpoint.get("best_weights") in ("ema", "raw"):
+        return checkpoint["best_weights"] == "ema"
+    return use_ema
 
 
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> dict[str, Tensor]:
@@ -123,7 +135,36 @@ def load_weights(
     missing, unexpected and mis-shaped keys when the weights do not fit.
     """
     checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else dict(source)
-    state = filter_state_dict(select_state_dict(checkpoint, use_ema), model)
+    _load_strictly(model, filter_state_dict(select_state_dict(checkpoint, use_ema), model))
+    return checkpoint
+
+
+def load_for_finetune(model: nn.Module, source: str | os.PathLike, use_ema: bool | None = None) -> list[str]:
+    """Start a new run from any supported weight file: as :func:`load_weights`, except that a
+    classifier of another shape (another class count) keeps the model's fresh initialisation.
+    Returns what was adapted, for the log (weights taken, position embedding resized, head)."""
+    checkpoint = read_checkpoint(source)
+    use_ema = weights_choice(checkpoint, use_ema)
+    selected = select_state_dict(checkpoint, use_ema)
+    notes = [f"{'EMA' if uses_ema(checkpoint, use_ema) else 'raw'} weights"]
+    own = model.state_dict()
+    pos = unwrap_state_dict(selected).get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+        notes.append(f"position embedding resized {tuple(pos.shape)} -> {tuple(own['pos_embed'].shape)}")
+    state = filter_state_dict(selected, model)
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    head_keys = [k for k in own if isinstance(classifier, str) and k.startswith(f"{classifier}.")]
+    changed = [k for k in head_keys if k in state and state[k].shape != own[k].shape]
+    if changed:
+        shapes = ", ".join(f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in changed)
+        notes.append(f"classifier re-initialised for another class count ({shapes})")
+        state.update({k: own[k] for k in head_keys})
+    _load_strictly(model, state)
+    return notes
+
+
+def _load_strictly(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """``load_state_dict(strict=True)``, or one error listing missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -140,7 +181,6 @@ def load_weights(
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=True)
-    return checkpoint
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

@@ -39,14 +39,16 @@ install_posterize_fix()
 
 
 def build_train_transform(data_cfg: Any, aug_cfg: Any):
-    """RandomResizedCrop + flip + RandAugment (per aug config) -> uint8 CHW tensor."""
+    """RandomResizedCrop + flip + the aug config's policy -> uint8 CHW tensor: RandAugment
+    (``rand-m9-mstd0.5-inc1``, DeiT) or DeiT III's ThreeAugment (timm's ``3a`` policy: one of
+    solarize / grayscale / Gaussian blur per image, then colour jitter)."""
     return create_transform(
         input_size=data_cfg.img_size,
         is_training=True,
         scale=tuple(aug_cfg.scale),
         ratio=tuple(aug_cfg.ratio),
         hflip=aug_cfg.hflip,
-        color_jitter=None,
+        color_jitter=aug_cfg.get("color_jitter"),  # timm keeps it with 3a, drops it with RandAugment
         auto_augment=aug_cfg.auto_augment,
         interpolation=aug_cfg.interpolation,
         use_prefetcher=True,  # stop before ToTensor/Normalize: uint8 out

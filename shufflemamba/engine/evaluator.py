@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..checkpoint import load_weights, read_checkpoint, uses_ema
+from ..checkpoint import load_weights, read_checkpoint, uses_ema, weights_choice
 from ..config import validate
 from ..data.datasets import build_dataset
 from ..data.loader import DeviceBatchTransform, build_eval_loader, release_workers
@@ -87,9 +87,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         if OmegaConf.is_missing(cfg, "checkpoint"):
             raise UserError("checkpoint is not set: pass checkpoint=/path/to/best.pt")
         checkpoint = read_checkpoint(cfg.checkpoint)
-        use_ema = cfg.eval.ema
-        if use_ema is None and checkpoint.get("best_weights") in ("ema", "raw"):
-            use_ema = checkpoint["best_weights"] == "ema"
+        use_ema = weights_choice(checkpoint, cfg.eval.ema)
         model = build_model(cfg, dist_info.device)
         try:
             load_weights(model, checkpoint, use_ema=use_ema)

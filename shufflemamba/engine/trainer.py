@@ -26,10 +26,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import TrainingState
+from ..checkpoint import TrainingState, load_for_finetune
 from ..config import to_plain, validate
 from ..data.loader import release_workers
-from ..errors import NonFiniteLossError, StopRequested, UserError
+from ..errors import CheckpointError, NonFiniteLossError, StopRequested, UserError
 from ..rng import capture_rng, keyed_rng, restore_rng, seed_all
 from . import distributed as D
 from .builders import (
@@ -112,6 +112,8 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         validate(cfg)
+        if cfg.get("finetune_required") and not cfg.get("finetune"):
+            raise UserError("finetune is not set: this preset fine-tunes a checkpoint; pass finetune=PATH")
         self.cfg, self.run_dir = cfg, run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.dist = D.init_distributed(cfg.trainer.device)
@@ -127,6 +129,7 @@ class Trainer:
 
         # model first: its config errors surface before any data is read (building the data draws no RNG)
         self.model = build_model(cfg, self.dist.device)
+        self._finetune_from(cfg.get("finetune"), cfg.get("finetune_ema"))
         if tcfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.data = build_train_data(cfg, self.dist, self.accum_steps)
@@ -187,14 +190,38 @@ class Trainer:
         self.state.save(paths, best_weights=self.best_source(), config=self.config_plain)
         D.barrier()
 
-    def _resume(self) -> None:
+    def _resume_path(self) -> Path | None:
+        """The checkpoint this run continues from: ``trainer.resume`` (auto: last.pt of the run dir)."""
         resume = self.cfg.trainer.resume
         if resume in (None, "", "null", False):
-            return
+            return None
         path = self.ckpt_dir / "last.pt" if resume == "auto" else Path(resume)
         if not path.is_file():
             if resume != "auto":
                 raise UserError(f"trainer.resume: checkpoint not found: {path}")
+            return None
+        return path
+
+    def _finetune_from(self, source: str | None, use_ema: bool | None) -> None:
+        """``finetune=PATH``: a new run starting from those weights (the optimizer, schedule and
+        epoch start afresh; EMA starts from them). A run that has its own last.pt resumes it
+        instead, so a pre-empted fine-tune continues where it stopped."""
+        if not source:
+            return
+        if self._resume_path() is not None:
+            log.info("finetune=%s: not loaded, the run resumes from its own checkpoint", source)
+            return
+        if not Path(source).is_file():
+            raise UserError(f"finetune: checkpoint not found: {source}")
+        try:
+            notes = load_for_finetune(self.model, source, use_ema)
+        except CheckpointError as exc:
+            raise CheckpointError(f"finetune={source}: {exc}") from None
+        log.info("fine-tuning from %s: %s", source, "; ".join(notes))
+
+    def _resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
             return
         self.state.load(path)
         p = self.progress

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import run_script, subprocess_env, tiny_vmamba
 from conftest import tiny_vim as tiny
 
-from shufflemamba.checkpoint import CheckpointError, load_weights, read_checkpoint
+from shufflemamba.checkpoint import CheckpointError, load_for_finetune, load_weights, read_checkpoint
 from shufflemamba.models import resize_pos_embed
 
 
@@ -130,3 +130,35 @@ def test_release_file_with_a_foreign_pickled_config_is_refused_then_extracted(tm
     load_weights(model, out)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def _sources(model, ema, tmp_path):
+    """The same weights as each source kind a fine-tune starts from."""
+    ours = {"model": model.state_dict(), "model_ema": ema.state_dict(), "best_weights": "raw", "progress": {}}
+    official = {"model": model.state_dict(), "model_ema": ema.state_dict(), "epoch": 299, "args": argparse.Namespace()}
+    paths = {}
+    for kind, obj in (("ours", ours), ("official", official), ("raw", model.state_dict())):
+        paths[kind] = tmp_path / f"{kind}.pt"
+        torch.save(obj, paths[kind])
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["ours", "official", "raw"])
+def test_finetune_loading_adapts_head_and_grid_and_is_strict_about_the_rest(kind, tmp_path):
+    torch.manual_seed(0)
+    src, ema = tiny(num_classes=10), tiny(num_classes=10)  # 32 px: 4 x 4 grid
+    path = _sources(src, ema, tmp_path)[kind]
+    torch.manual_seed(1)
+    dst = tiny(num_classes=3, img_size=48)  # another class count, 6 x 6 grid
+    fresh_head = dst.head.weight.detach().clone()
+    notes = load_for_finetune(dst, path)
+    # ours: the weights best.pt was chosen by (raw here); an official file: EMA when present
+    assert notes[0] == {"ours": "raw weights", "official": "EMA weights", "raw": "raw weights"}[kind]
+    reference = src if notes[0] == "raw weights" else ema
+    assert "position embedding resized (1, 17, 32) -> (1, 37, 32)" in notes
+    assert "classifier re-initialised for another class count (head.weight (10, 32) -> (3, 32), head.bias" in notes[2]
+    assert torch.equal(dst.head.weight, fresh_head)  # the model's own init, not the checkpoint's
+    assert torch.equal(dst.layers[1].mixer.in_proj.weight, reference.layers[1].mixer.in_proj.weight)
+    assert dst(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        load_for_finetune(tiny(embed_dim=48), path)  # another width: the same clear error as eval

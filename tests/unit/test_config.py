@@ -72,13 +72,19 @@ def test_every_preset_composes_for_training_and_eval(experiment):
         "vmamba_tiny_in1k": 1024,
         "mambaout_tiny_in1k": 4096,
         "deit_tiny_in1k": 1024,
+        "vim_tiny_stride8_ft": 1024,
+        "vim_small_stride8_ft": 1024,
+        "shufflemamba_reg_base_in1k_stage1": 1024,
+        "shufflemamba_reg_base_in1k_stage2": 1024,
+        "shufflemamba_reg_base_in1k_stage3": 512,
+        "finetune_in1k_384": 512,
     }
     assert cfg.trainer.global_batch == published_global_batch.get(experiment)  # the demo: null (one process)
     name = cfg.model.name
     if name in VIM_SIZES:  # our sizes: the registry's published rates apply, no preset repeats them
         assert (cfg.model.shuffle_rate, cfg.model.drop_path_rate) == (None, None) or experiment == "demo"
         if experiment != "demo":
-            assert _built_rates(cfg) == pytest.approx(VIM_SIZES[name][4:6])
+            assert _built_rates(cfg) == pytest.approx((VIM_SIZES[name].shuffle_rate, VIM_SIZES[name].drop_path_rate))
     if name in VMAMBA_SIZES:
         assert cfg.model.drop_path_rate is None and _built_rates(cfg)[1] == pytest.approx(VMAMBA_SIZES[name][3])
     if experiment == "shufflemamba_base_in1k":  # the published recipe (reference doc, section 4)
@@ -96,6 +102,20 @@ def test_every_preset_composes_for_training_and_eval(experiment):
         assert (cfg.trainer.ema.enabled, cfg.data.crop_pct) == (False, 1.0)
     if experiment == "deit_tiny_in1k":
         assert _built_rates(cfg)[1] == pytest.approx(0.1)
+    if experiment.endswith("_ft") or experiment.startswith("finetune") or experiment.endswith(("stage2", "stage3")):
+        assert cfg.finetune_required and cfg.finetune is None  # a fine-tuning recipe needs finetune=PATH
+    if experiment.startswith("vim_") and experiment.endswith("stride8_ft"):  # reference doc, section 5
+        assert cfg.model.name.endswith("stride8_224") and _built_rates(cfg) == (0.0, 0.0)
+        assert (cfg.optim.base_lr * 1024 / 512, cfg.sched.min_lr, cfg.optim.weight_decay) == (1e-5, 1e-5, 1e-8)
+        assert (cfg.trainer.epochs, cfg.trainer.precision) == (30, "fp32")
+    if experiment.startswith("shufflemamba_reg_base_in1k_stage"):
+        stage = int(experiment[-1])
+        assert _built_rates(cfg)[0] == pytest.approx(0.1)  # shuffle 0.1 in every stage
+        assert _built_rates(cfg)[1] == pytest.approx([0.1, 0.4, 0.4][stage - 1])
+        assert cfg.data.img_size == [128, 224, 224][stage - 1] and cfg.trainer.epochs == [300, 100, 20][stage - 1]
+        assert cfg.aug.auto_augment == ["3a", "3a", "rand-m9-mstd0.5-inc1"][stage - 1]
+        assert (cfg.aug.reprob, cfg.aug.smoothing) == [(0.0, 0.0), (0.0, 0.0), (0.25, 0.1)][stage - 1]
+        assert cfg.data.crop_pct == 1.0 and cfg.aug.repeated_aug == [3, 3, 1][stage - 1]
 
 
 def test_model_configs_leave_the_registered_rates_to_the_registry():

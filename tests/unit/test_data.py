@@ -197,3 +197,19 @@ def test_demo_digits_split_is_fixed_and_stratified():
     assert np.bincount(val.labels).min() >= 35
     img, label = val[0]
     assert img.size == (16, 16) and 0 <= label < 10
+
+
+def test_three_augment_is_timms_3a_policy_with_colour_jitter_and_is_seeded_per_sample(tmp_path):
+    cfg = OmegaConf.load("conf/aug/three_augment.yaml")
+    transform = build_train_transform(DATA, cfg)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert "AutoAugment" in names and "ColorJitter" in names and "RandAugment" not in names
+    assert names.index("AutoAugment") < names.index("ColorJitter")  # one of three, then jitter
+    root = tmp_path / "train" / "a"
+    root.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "0.png")
+    ds = FolderDataset(ImageFolderIndex.scan(tmp_path / "train"), transform=transform)
+    a, b, c = ds[(0, 123)][0], ds[(0, 123)][0], ds[(0, 124)][0]
+    assert torch.equal(torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b)))  # the seed decides
+    assert not torch.equal(torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(c)))

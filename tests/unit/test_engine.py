@@ -105,3 +105,26 @@ def test_impossible_batch_settings_are_one_line(kw, micro, world, message):
     with pytest.raises(UserError) as err:
         resolve_accumulation(_trainer_cfg(**kw), micro, world)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("vim_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=3)),
+        ("shufflemamba_reg_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_cls_tokens=4)),
+        ("vmamba_tiny", dict(dims=8, depths=(1, 2, 1, 1))),
+        ("mambaout_femto", dict(dims=(8, 8, 16, 16), depths=(1, 1, 1, 1))),
+        ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)),
+    ],
+)
+def test_layer_decay_gives_every_family_a_depth_wise_lr(name, kw):
+    """optim.layer_decay through each model's group_matcher: the head at scale 1, the stem lowest."""
+    import timm
+
+    model = timm.create_model(name, num_classes=5, **kw)
+    optim_cfg = compose_cfg("train", ["optim.layer_decay=0.75"]).optim
+    optimizer = build_optimizer(optim_cfg, model, lr=1e-3)
+    scales = {g["lr_scale"] for g in optimizer.param_groups}
+    head = model.get_classifier().weight
+    head_scale = next(g["lr_scale"] for g in optimizer.param_groups if any(p is head for p in g["params"]))
+    assert len(scales) >= 4 and head_scale == max(scales) == 1.0 and min(scales) < 0.75**3
