@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,32 @@ def run_script(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def start_run(overrides: list[str], run_dir: Path, nproc: int | None = None) -> subprocess.Popen:
+    """train.py in its own process group (under torchrun with ``nproc`` ranks), output discarded:
+    for tests that signal or kill a run."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.Popen(
+        [sys.executable, *launcher, "train.py", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_for_checkpoints(proc: subprocess.Popen, run_dir: Path, count: int = 1, timeout: float = 180) -> int:
+    """Wait until the run has (re)written last.pt ``count`` times, or ended; how many it wrote."""
+    last = run_dir / "checkpoints" / "last.pt"
+    stamp = last.stat().st_mtime_ns if last.exists() else 0
+    seen, deadline = 0, time.time() + timeout
+    while seen < count and time.time() < deadline and proc.poll() is None:
+        if last.exists() and last.stat().st_mtime_ns != stamp:
+            stamp, seen = last.stat().st_mtime_ns, seen + 1
+        time.sleep(0.01)
+    return seen
 
 
 def for_eval(overrides: list[str]) -> list[str]:

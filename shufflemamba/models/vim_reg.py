@@ -125,28 +125,24 @@ REG_SIZES: dict[str, RegSize] = {
     "shufflemamba_reg_large_patch16_224": RegSize(1024, 48, 16, 8, 0.1, 0.4),
 }
 
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return imagenet_cfg(
+        crop_pct=1.0,  # the recipe's last stage evaluates uncropped
+        pool_size=None,
+        fixed_input_size=True,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="apache-2.0",
+        paper_ids="arXiv:2408.17081",
+        **kwargs,
+    )
+
+
 default_cfgs = generate_default_cfgs(
     {
-        "shufflemamba_reg_base_patch16_224.in1k": imagenet_cfg(
-            crop_pct=1.0,
-            pool_size=None,
-            fixed_input_size=True,
-            first_conv="patch_embed.proj",
-            classifier="head",
-            license="apache-2.0",
-            paper_ids="arXiv:2408.17081",
-            notes=("top-1 83.1",),
-        ),
-        "shufflemamba_reg_large_patch16_224.in1k": imagenet_cfg(
-            crop_pct=1.0,
-            pool_size=None,
-            fixed_input_size=True,
-            first_conv="patch_embed.proj",
-            classifier="head",
-            license="apache-2.0",
-            paper_ids="arXiv:2408.17081",
-            notes=("top-1 83.6",),
-        ),
+        "shufflemamba_reg_base_patch16_224.in1k": _cfg(notes=("top-1 83.1",)),
+        "shufflemamba_reg_large_patch16_224.in1k": _cfg(notes=("top-1 83.6",)),
     }
 )
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import argparse
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import ROOT, TINY, read_metrics, run_script, subprocess_env
+from conftest import TINY, read_metrics, run_script, start_run, wait_for_checkpoints
 from PIL import Image
 
 FAST = ["trainer.epochs=1", "trainer.max_steps_per_epoch=2"]
@@ -98,19 +95,12 @@ def test_a_preempted_finetune_resumes_itself_and_ends_as_an_uninterrupted_one(so
     ]  # fmt: skip
     reference, run_dir = tmp_path / "reference", tmp_path / "preempted"
     run_script("train.py", *common, f"hydra.run.dir={reference}")
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *common, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    last, deadline = run_dir / "checkpoints" / "last.pt", time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    proc = start_run(common, run_dir)
+    assert wait_for_checkpoints(proc, run_dir) == 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143  # pre-empted: a checkpoint, then exit
     resumed = run_script("train.py", *common, f"hydra.run.dir={run_dir}")  # the same command again
+    last = run_dir / "checkpoints" / "last.pt"
     assert "not loaded, the run resumes from its own checkpoint" in resumed.stderr and "resumed from" in resumed.stderr
     a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(last, weights_only=True)

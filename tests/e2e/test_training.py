@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import ROOT, TINY, compose_cfg, evaluate_checkpoint, for_eval, read_metrics, run_script, subprocess_env
+from conftest import (
+    ROOT,
+    TINY,
+    compose_cfg,
+    evaluate_checkpoint,
+    for_eval,
+    read_metrics,
+    run_script,
+    start_run,
+    subprocess_env,
+    wait_for_checkpoints,
+)
 from PIL import Image
 
 from shufflemamba.ops import cuda_kernels_available
@@ -84,19 +95,8 @@ def test_sigkill_after_a_checkpoint_and_resume_is_bitwise_exact(tmp_path):
     run_script("train.py", *RESUME, f"hydra.run.dir={ref_dir}")
     last = run_dir / "checkpoints" / "last.pt"
     for kill_after in (1, 4):  # mid-epoch, then again later, resuming a resumed run
-        proc = subprocess.Popen(
-            [sys.executable, "train.py", *RESUME, f"hydra.run.dir={run_dir}"],
-            cwd=ROOT,
-            env=subprocess_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        seen, deadline = 0, time.time() + 120
-        stamp = last.stat().st_mtime_ns if last.exists() else 0
-        while seen < kill_after and time.time() < deadline and proc.poll() is None:
-            if last.exists() and last.stat().st_mtime_ns != stamp:
-                stamp, seen = last.stat().st_mtime_ns, seen + 1
-            time.sleep(0.01)
+        proc = start_run(RESUME, run_dir)
+        seen = wait_for_checkpoints(proc, run_dir, count=kill_after)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert seen == kill_after, "the run ended before it could be killed"
@@ -117,22 +117,11 @@ WORLD_FREE = [  # no model-side randomness: what is left must not depend on the 
 
 def _kill_after_first_checkpoint(overrides: list[str], run_dir: Path, nproc: int) -> None:
     """Start a torchrun group and SIGKILL all of it once it has written last.pt (mid-epoch)."""
-    last = run_dir / "checkpoints" / "last.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    proc = subprocess.Popen(
-        [*cmd, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 180
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    proc = start_run(overrides, run_dir, nproc)
+    written = wait_for_checkpoints(proc, run_dir)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert last.exists(), "the run ended before writing a checkpoint"
+    assert written == 1, "the run ended before writing a checkpoint"
 
 
 @pytest.mark.slow
