@@ -13,9 +13,10 @@ CPU smoke test (tiny sizes, so CI can run it):
     python scripts/benchmark.py models --device cpu --tiny --resolutions 64 --batch 2 --steps 2 --warmup 1
 
 Variants: "<vim>/cuda-fused", "<vim>/cuda-unfused", "<vim>/cuda-fused+shuffle0.5" (training only),
-"<vim>/torch" for the Vim family, "<vmamba>/cuda" and "<vmamba>/torch" for VMamba (cuda ones only
-where the kernels import; the torch path only on CPU or with --torch-path), the bare name for
-timm's models. Every Vim-family variant sets its shuffle rate explicitly (0 unless named), so a
+"<vim>/torch" and "<vim>/torch-fused" (the torch scan with eager / Inductor-compiled chunks) for the
+Vim family, "<vmamba>/cuda", "<vmamba>/torch(-fused)" for VMamba (cuda ones only where the kernels
+import; the torch path only on CPU or with --torch-path), the bare name for timm's models. Every
+Vim-family variant sets its shuffle rate explicitly (0 unless named), so a
 size's registry default does not leak into the comparison. ``--variants REGEX`` keeps matching
 labels; ``--compile both --compile-variants REGEX`` compiles only the matching ones.
 
@@ -32,6 +33,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -70,6 +72,15 @@ class Variant:
     backend: str | None  # scan backend forced for the run; None for timm's own models
     kwargs: dict = field(default_factory=dict)
     train_only: bool = False
+    env: dict = field(default_factory=dict)  # environment while it is built and timed
+
+
+def _torch_path(label: str, name: str, **kwargs) -> list[Variant]:
+    """The pure-PyTorch scan with eager chunks, and with Inductor-compiled chunks (CPU)."""
+    return [
+        Variant(f"{label}/torch", name, "torch", kwargs, env={"SHUFFLEMAMBA_SCAN_FUSED": "0"}),
+        Variant(f"{label}/torch-fused", name, "torch", kwargs, env={"SHUFFLEMAMBA_SCAN_FUSED": "1"}),
+    ]
 
 
 def variants(models: list[str], device: str, torch_path: bool) -> list[Variant]:
@@ -91,12 +102,12 @@ def variants(models: list[str], device: str, torch_path: bool) -> list[Variant]:
                     ),
                 ]
             if torch_path or not kernels:
-                out.append(Variant(f"{name}/torch", name, "torch", dict(fused_directions=True, shuffle_rate=0.0)))
+                out += _torch_path(name, name, fused_directions=True, shuffle_rate=0.0)
         elif name.startswith("vmamba_"):
             if kernels:
                 out.append(Variant(f"{name}/cuda", name, "cuda"))
             if torch_path or not kernels:
-                out.append(Variant(f"{name}/torch", name, "torch"))
+                out += _torch_path(name, name)
         else:
             out.append(Variant(name, name, None))
     return out
@@ -135,10 +146,10 @@ class StepTimer:
         return [start.elapsed_time(end) for start, end in events]
 
 
-def measure(model, batch, res, device, train, steps, warmup, amp, compile_model) -> dict:
+def measure(model, batch, res, device, train, steps, warmup, amp, compile_model, fullgraph=False) -> dict:
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
-    fn = torch.compile(model) if compile_model else model
+    fn = torch.compile(model, fullgraph=fullgraph) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda") if train else None
     model.train(train)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
@@ -252,8 +263,8 @@ def markdown(rows: list[dict], mixer_rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| variant | res | batch | mode | compile | img/s | ms/step | peak GiB | vs DeiT (ref) | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | res | batch | mode | compile | img/s | ms/step | peak GiB | 1st call s | vs DeiT | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         notes = []
@@ -267,7 +278,7 @@ def markdown(rows: list[dict], mixer_rows: list[dict], header: str) -> str:
         lines.append(
             f"| {r['variant']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['compile']} | "
             f"{_fmt(r.get('img_s'), '.1f')} | {_fmt(r.get('ms_per_step'), '.1f')} | {_fmt(r.get('peak_gib'), '.2f')} "
-            f"| {vs} | {'; '.join(notes)} |"
+            f"| {_fmt(r.get('first_call_s'), '.1f')} | {vs} | {'; '.join(notes)} |"
         )
     if mixer_rows:
         lines += [
@@ -314,6 +325,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="train,inference")
     p.add_argument("--compile", default="off", help="off | on | both")
     p.add_argument("--compile-variants", default=None, help="regex: compile only these labels (others: off)")
+    p.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True (a graph break fails)")
     p.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=1, help="measure all variants round-robin this many times")
@@ -338,19 +350,37 @@ def measure_job(job: tuple, args: argparse.Namespace) -> dict:
         "amp": "fp32" if args.no_amp else "bf16",
     }
     model = None
+    saved_env = {k: os.environ.get(k) for k in variant.env}
+    os.environ.update(variant.env)
     try:
         with use_backend(variant.backend or "auto"):
             model = build(variant, res, args.tiny, args.device)
             row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
             train = mode == "train"
             row.update(
-                measure(model, batch, res, args.device, train, args.steps, args.warmup, not args.no_amp, compiled)
+                measure(
+                    model,
+                    batch,
+                    res,
+                    args.device,
+                    train,
+                    args.steps,
+                    args.warmup,
+                    not args.no_amp,
+                    compiled,
+                    args.fullgraph,
+                )  # fmt: skip
             )
     except torch.OutOfMemoryError:
         row.update(img_s=None, ms_per_step=None, peak_gib="OOM", error="out of memory")
     except Exception as exc:  # one broken variant must not lose the rest of the run
         row.update(img_s=None, ms_per_step=None, error=f"{type(exc).__name__}: {exc}"[:200])
     finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         model = None
         if compiled:
             torch._dynamo.reset()

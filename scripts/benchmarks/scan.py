@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401
 import shufflemamba.ops.scan_torch as scan_torch
-from shufflemamba.ops.scan_torch import selective_scan_torch
+from shufflemamba.ops import selective_scan_torch
 
 
 def selective_scan_classic(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):

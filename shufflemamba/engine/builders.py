@@ -25,6 +25,7 @@ from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_l
 from ..data.samplers import ResumableTrainSampler
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..errors import UserError
+from ..ops import cuda_kernels_available
 from .distributed import DistInfo, barrier
 
 LR_REFERENCE_BATCH = 512  # lr = base_lr x global batch / 512 (DeiT's linear scaling rule)
@@ -42,6 +43,8 @@ def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
     name, kwargs = model_kwargs(cfg.model)
     if name not in timm.list_models():
         raise UserError(f"unknown model {name!r}: not a timm model name (configured families: conf/model/*.yaml)")
+    if device.type == "cuda":
+        cuda_kernels_available()  # import the kernels now: a compiled model then sees a constant
     return timm.create_model(name, **kwargs).to(device)
 
 

@@ -8,7 +8,10 @@ does nothing at inference or with ``p_max == 0`` (not even an RNG draw), so a
 model trained with it evaluates exactly like one trained without.
 
 Randomness comes from torch's generators, so seeding torch (and checkpointing its
-RNG state) makes the shuffle reproducible and exactly resumable.
+RNG state) makes the shuffle reproducible and exactly resumable. The draw whether to shuffle
+stays on the tensor's device and selects between the permutation and the identity with
+``torch.where``: no host sync per block, and no data-dependent branch, so ``torch.compile``
+traces the whole model once and the per-step draws never recompile it.
 """
 
 from __future__ import annotations
@@ -39,19 +42,22 @@ class LayerwiseShuffle(nn.Module):
         return self.training and self.shuffle_rate > 0.0
 
     def sample(self, layer_idx: int, hidden: Tensor) -> Tensor | None:
-        """One draw for block ``layer_idx``: a permutation of the tokens, or None (no shuffle).
-
-        Returns an index of shape (L,) shared by the batch, or (B, L) with ``per_sample``.
-        """
+        """One draw for block ``layer_idx``: the token order to run it in, (L,) shared by the
+        batch or (B, L) with ``per_sample``; the identity with probability 1 - p. None where the
+        block never shuffles (inference, rate 0, the first block): nothing is drawn then."""
         if not self.active:
             return None
         p = self.probability(layer_idx)
-        if p <= 0.0 or torch.rand(()).item() >= p:
+        if p <= 0.0:
             return None
         batch, length = hidden.shape[:2]
+        device = hidden.device
         if self.per_sample:
-            return torch.rand(batch, length, device=hidden.device).argsort(dim=1)
-        return torch.randperm(length, device=hidden.device)
+            perm = torch.rand(batch, length, device=device).argsort(dim=1)
+        else:
+            perm = torch.randperm(length, device=device)
+        keep_order = torch.rand((), device=device) >= p
+        return torch.where(keep_order, torch.arange(length, device=device), perm)
 
     def extra_repr(self) -> str:
         return f"shuffle_rate={self.shuffle_rate}, depth={self.depth}, per_sample={self.per_sample}"

@@ -2,9 +2,14 @@
 
 Backends share mamba-ssm's signatures:
 
-- ``cuda``: mamba-ssm's ``selective_scan_fn`` and causal-conv1d's ``causal_conv1d_fn``;
-- ``torch``: :mod:`shufflemamba.ops.scan_torch`, chunked pure PyTorch, fast on CPU;
+- ``cuda``: mamba-ssm's selective-scan kernels (as the ``shufflemamba::selective_scan_cuda``
+  custom op) and causal-conv1d's ``causal_conv1d_fn`` (custom ops of its own);
+- ``torch``: :mod:`shufflemamba.ops.scan_torch`, chunked pure PyTorch, fast on CPU (as the
+  ``shufflemamba::selective_scan_torch`` custom ops);
 - ``reference``: :mod:`shufflemamba.ops.reference`, a plain loop, the ground truth.
+
+The custom ops (:mod:`.custom_ops`) make every scan one opaque op for autograd and
+``torch.compile``: a model compiles whole, without tracing the recurrence.
 
 ``auto`` (the default) takes ``cuda`` for CUDA tensors when the kernels import and
 ``torch`` otherwise. Override per model (``scan_backend=``), per process with the
@@ -21,8 +26,8 @@ from collections.abc import Iterator
 from torch import Tensor
 
 from .cuda import CudaKernelsUnavailable, cuda_kernels_available, require_cuda_kernels
+from .custom_ops import selective_scan_cuda_op, selective_scan_torch, selective_scan_torch_op
 from .reference import causal_conv1d_reference, selective_scan_reference
-from .scan_torch import selective_scan_torch
 
 BACKENDS = ("auto", "cuda", "torch", "reference")
 _ENV = "SHUFFLEMAMBA_SCAN_BACKEND"
@@ -35,6 +40,7 @@ __all__ = [
     "cuda_kernels_available",
     "resolve_backend",
     "selective_scan",
+    "selective_scan_torch",
     "use_backend",
 ]
 
@@ -82,10 +88,10 @@ def selective_scan(
     """y = selective scan of u (b, dim, L); B, C (b, N, L) or grouped (b, G, N, L)."""
     name = resolve_backend(backend, u)
     if name == "cuda":
-        scan, _ = require_cuda_kernels(u)
+        require_cuda_kernels(u)
         # The kernel does no autocast handling: u, delta, B, C, z share one dtype; A, D, bias are fp32.
         dtype = u.dtype
-        return scan(
+        return selective_scan_cuda_op(
             u,
             delta.to(dtype),
             A.float(),
@@ -96,8 +102,9 @@ def selective_scan(
             None if delta_bias is None else delta_bias.float(),
             delta_softplus,
         )
-    fn = selective_scan_torch if name == "torch" else selective_scan_reference
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name == "torch":
+        return selective_scan_torch_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def causal_conv1d(

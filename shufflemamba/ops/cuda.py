@@ -8,7 +8,6 @@ one actionable message instead of an ImportError traceback.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -24,8 +23,14 @@ class CudaKernelsUnavailable(RuntimeError):
     """The cuda scan backend was asked for but cannot run here."""
 
 
-@functools.cache
+_LOADED: list[tuple[Callable | None, Callable | None, str | None]] = []  # filled once, then read
+
+
 def _load() -> tuple[Callable | None, Callable | None, str | None]:
+    """Import the kernel packages once. A plain module-level memo (not functools.cache), so that
+    torch.compile, tracing a model after a first eager call, reads the result as a constant."""
+    if _LOADED:
+        return _LOADED[0]
     problems = []
     scan = conv = None
     try:
@@ -36,7 +41,8 @@ def _load() -> tuple[Callable | None, Callable | None, str | None]:
         from causal_conv1d import causal_conv1d_fn as conv
     except Exception as exc:
         problems.append(f"causal_conv1d ({type(exc).__name__}: {exc})")
-    return scan, conv, "; ".join(problems) or None
+    _LOADED.append((scan, conv, "; ".join(problems) or None))
+    return _LOADED[0]
 
 
 def cuda_kernels_available() -> bool:

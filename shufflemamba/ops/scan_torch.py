@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import scan_fused
+
 # Elements of one chunk's (T, batch, N, dim) slab; tuned with scripts/benchmark_scan.py.
 _CHUNK_ELEMENTS = int(os.environ.get("SHUFFLEMAMBA_SCAN_CHUNK_ELEMENTS", 1 << 20))
 
@@ -81,6 +83,8 @@ def _recur(dA: Tensor, H: Tensor, h0: Tensor | None) -> None:
 class _Prepared:
     """Inputs converted once to the scan's time-major compute layout."""
 
+    fused: bool
+
     def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
         self.batch, self.dim, self.length = u.shape
         self.d_state = A.shape[1]
@@ -101,6 +105,7 @@ class _Prepared:
         self.dt4, self.ut4 = self.dt.view(shape4), self.ut.view(shape4)
         self.dtu = self.dt4 * self.ut4
         self.T = _chunk_len(self.batch, self.dim, self.d_state, self.length)
+        self.fused = scan_fused.enabled(self.batch, self.dim, self.d_state, self.length, u.device)
 
     def buffer(self) -> Tensor:
         return self.ut.new_empty((self.T, self.batch, self.groups, self.d_state, self.dg))
@@ -112,6 +117,8 @@ class _Prepared:
 
 def _scan_forward(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Returns y_ssm (L, b, dim) without the D term, the last state (b, G, N, dg), chunk starts."""
+    if p.fused:
+        return _scan_forward_fused(p, keep_starts)
     dA_buf, H_buf = p.buffer(), p.buffer()
     y = p.ut.new_empty((p.length, p.batch, p.groups, p.dg))
     h, starts = None, []
@@ -127,144 +134,162 @@ def _scan_forward(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list
     return y.view(p.length, p.batch, p.dim), h, starts
 
 
-class _SelectiveScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-        y, last, starts = _scan_forward(p, keep_starts=True)
-        if D is not None:
-            y.addcmul_(p.ut, D.to(p.cd))
-        out = y.permute(1, 2, 0)
-        gated = out * F.silu(z.to(p.cd)) if z is not None else out
-        ctx.delta_softplus = delta_softplus
-        ctx.prepared = p
-        ctx.starts = starts
-        ctx.bc_grouped = (B.dim() == 4, C.dim() == 4)
-        ctx.dtypes = (u.dtype, delta.dtype, B.dtype, C.dtype, A.dtype)
-        ctx.save_for_backward(D, z, delta_bias, out if z is not None else None)
-        result = gated.to(u.dtype)
-        if return_last_state:
-            last = last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
-            ctx.mark_non_differentiable(last)
-            return result, last
-        return result
-
-    @staticmethod
-    def backward(ctx, g_out, *unused):
-        D, z, delta_bias, out = ctx.saved_tensors
-        p: _Prepared = ctx.prepared
-        starts = ctx.starts
-        cd, N, dg = p.cd, p.d_state, p.dg
-        g_out = g_out.to(cd)
-        g_z = None
-        if z is not None:
-            zf = z.to(cd)
-            sig = torch.sigmoid(zf)
-            if ctx.needs_input_grad[6]:
-                g_z = (g_out * out * sig * (1 + zf * (1 - sig))).to(z.dtype)
-            g_out = g_out * (zf * sig)
-        g_yt = _time_major(g_out, cd)  # (L, b, dim)
-        g_D = None
-        g_ut = torch.zeros_like(p.ut)
-        if D is not None:
-            g_D = (g_yt * p.ut).sum((0, 1)).to(D.dtype)
-            g_ut.addcmul_(g_yt, D.to(cd))
-        gy4 = g_yt.view(p.dt4.shape)
-
-        g_dt = torch.empty_like(p.dt4)
-        g_dtu = torch.empty_like(p.dt4)
-        g_A = torch.zeros_like(p.A)
-        g_Bt = torch.empty_like(p.Bt)
-        g_Ct = torch.empty_like(p.Ct)
-        dA_buf, H_buf, G_buf = p.buffer(), p.buffer(), p.buffer()
-        carry = None
-        spans = list(p.chunks())
-        for ci in range(len(spans) - 1, -1, -1):
-            s, e = spans[ci]
-            n = e - s
-            dA, H, G = dA_buf[:n], H_buf[:n], G_buf[:n]
-            h0 = starts[ci]
-            _discretise(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
-            _recur(dA, H, h0)
-            Hm = H.view(-1, N, dg)
-            # dL/dC_t = H_t @ gy_t
-            # (row vector @ transposed view: the fast BLAS case, unlike a matrix @ column vector)
-            torch.matmul(gy4[s:e].reshape(-1, 1, dg), Hm.transpose(1, 2), out=g_Ct[s:e].view(-1, 1, N))
-            # dL/dh_t from the output, then the reverse recurrence (in place in G)
-            torch.mul(p.Ct[s:e].unsqueeze(-1), gy4[s:e].unsqueeze(-2), out=G)
-            if carry is not None:
-                G[n - 1].add_(carry)
-            for t in range(n - 2, -1, -1):
-                G[t].addcmul_(dA[t + 1], G[t + 1])
-            carry = dA[0] * G[0]
-            Gm = G.view(-1, N, dg)
-            # dL/d(dt u)_t = B_t @ G_t ;  dL/dB_t = G_t @ (dt u)_t
-            torch.matmul(p.Bt[s:e].reshape(-1, 1, N), Gm, out=g_dtu[s:e].view(-1, 1, dg))
-            torch.matmul(p.dtu[s:e].reshape(-1, 1, dg), Gm.transpose(1, 2), out=g_Bt[s:e].view(-1, 1, N))
-            # W = dL/d(dt A) = G * h_{t-1} * dA, built in the dA buffer
-            dA.mul_(G)
-            if h0 is not None:
-                dA[0].mul_(h0)
-            else:
-                dA[0].zero_()
-            if n > 1:
-                dA[1:].mul_(H[: n - 1])
-            g_A.add_(torch.mul(dA, p.dt4[s:e].unsqueeze(-2)).sum((0, 1)))
-            torch.mul(dA, p.A, out=G)
-            torch.sum(G, -2, out=g_dt[s:e])
-        g_dt.addcmul_(g_dtu, p.ut4)
-        g_ut.view(p.dt4.shape).addcmul_(g_dtu, p.dt4)
-        if ctx.delta_softplus:
-            g_dt.mul_(torch.sigmoid(p.dt_pre.view(p.dt4.shape)))
-        g_dt = g_dt.view(p.length, p.batch, p.dim)
-        g_delta_bias = g_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-        u_dtype, delta_dtype, B_dtype, C_dtype, A_dtype = ctx.dtypes
-        b_grouped, c_grouped = ctx.bc_grouped
-        g_B = g_Bt.permute(1, 2, 3, 0)
-        g_C = g_Ct.permute(1, 2, 3, 0)
-        return (
-            g_ut.permute(1, 2, 0).to(u_dtype),
-            g_dt.permute(1, 2, 0).to(delta_dtype),
-            g_A.transpose(1, 2).reshape(p.dim, N).to(A_dtype),
-            (g_B if b_grouped else g_B.squeeze(1)).to(B_dtype),
-            (g_C if c_grouped else g_C.squeeze(1)).to(C_dtype),
-            g_D,
-            g_z,
-            g_delta_bias,
-            None,
-            None,
-        )
+def _scan_forward_fused(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """:func:`_scan_forward` through the Inductor-compiled chunk (:mod:`.scan_fused`)."""
+    y = p.ut.new_empty((p.length, p.batch, p.groups, p.dg))
+    h, starts = p.ut.new_zeros((p.batch, p.groups, p.d_state, p.dg)), []
+    for s, e in p.chunks():
+        if keep_starts:
+            starts.append(h if s else None)
+        y[s:e], h = scan_fused.forward(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], p.Ct[s:e], h)
+    return y.view(p.length, p.batch, p.dim), h, starts
 
 
-def _selective_scan_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """No-autograd forward: no saved states, gate applied in place."""
-    p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    y, last, _ = _scan_forward(p, keep_starts=False)
-    if D is not None:
-        y.addcmul_(p.ut, D.to(p.cd))
-    out = y.permute(1, 2, 0)
-    if z is not None:
-        out = out.mul_(F.silu(z.to(p.cd)))
-    out = out.to(u.dtype)
-    if return_last_state:
-        return out, last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
-    return out
+def _states_tensor(p: _Prepared, starts: list[Tensor | None]) -> Tensor:
+    """The chunks' starting states as one (chunks, b, G, N, dg) tensor (chunk 0 starts at zero)."""
+    zero = p.ut.new_zeros((p.batch, p.groups, p.d_state, p.dg))
+    return torch.stack([zero if h is None else h for h in starts])
 
 
-def selective_scan_torch(
+def num_chunks(batch: int, dim: int, d_state: int, length: int) -> int:
+    """How many chunks the scan splits a sequence into (the leading size of its saved states)."""
+    return -(-length // _chunk_len(batch, dim, d_state, length))
+
+
+def scan_forward(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Chunked selective scan; same signature and result as mamba-ssm's ``selective_scan_fn``."""
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
-        return _SelectiveScanFn.apply(*args)
-    return _selective_scan_inference(*args)
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    for_backward: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """(out (b, d, L) in u's dtype, the ungated output (with z, for backward), the chunk-start
+    states (for backward), the last state (b, d, N)). Nothing is kept without ``for_backward``."""
+    p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
+    y, last, starts = _scan_forward(p, keep_starts=for_backward)
+    if D is not None:
+        y.addcmul_(p.ut, D.to(p.cd))
+    out = y.permute(1, 2, 0)
+    ungated = None
+    if z is not None:
+        gate = F.silu(z.to(p.cd))
+        if for_backward:
+            ungated = out.contiguous()
+            out = out * gate
+        else:
+            out = out.mul_(gate)
+    result = out.to(u.dtype).contiguous()
+    states = _states_tensor(p, starts) if for_backward else None
+    return result, ungated, states, last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
+
+
+def _backward_chunks(
+    p: _Prepared, states: Tensor, gy4: Tensor, g_dt: Tensor, g_dtu: Tensor, g_A: Tensor, g_Bt: Tensor, g_Ct: Tensor
+) -> None:
+    """The eager chunk loop of :func:`scan_backward`: fills the gradient buffers in place."""
+    N, dg = p.d_state, p.dg
+    dA_buf, H_buf, G_buf = p.buffer(), p.buffer(), p.buffer()
+    carry = None
+    spans = list(p.chunks())
+    for ci in range(len(spans) - 1, -1, -1):
+        s, e = spans[ci]
+        n = e - s
+        dA, H, G = dA_buf[:n], H_buf[:n], G_buf[:n]
+        h0 = states[ci]
+        _discretise(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
+        _recur(dA, H, h0)
+        Hm = H.view(-1, N, dg)
+        # dL/dC_t = H_t @ gy_t
+        # (row vector @ transposed view: the fast BLAS case, unlike a matrix @ column vector)
+        torch.matmul(gy4[s:e].reshape(-1, 1, dg), Hm.transpose(1, 2), out=g_Ct[s:e].view(-1, 1, N))
+        # dL/dh_t from the output, then the reverse recurrence (in place in G)
+        torch.mul(p.Ct[s:e].unsqueeze(-1), gy4[s:e].unsqueeze(-2), out=G)
+        if carry is not None:
+            G[n - 1].add_(carry)
+        for t in range(n - 2, -1, -1):
+            G[t].addcmul_(dA[t + 1], G[t + 1])
+        carry = dA[0] * G[0]
+        Gm = G.view(-1, N, dg)
+        # dL/d(dt u)_t = B_t @ G_t ;  dL/dB_t = G_t @ (dt u)_t
+        torch.matmul(p.Bt[s:e].reshape(-1, 1, N), Gm, out=g_dtu[s:e].view(-1, 1, dg))
+        torch.matmul(p.dtu[s:e].reshape(-1, 1, dg), Gm.transpose(1, 2), out=g_Bt[s:e].view(-1, 1, N))
+        # W = dL/d(dt A) = G * h_{t-1} * dA, built in the dA buffer (h_{-1} = the chunk's start)
+        dA.mul_(G)
+        dA[0].mul_(h0)
+        if n > 1:
+            dA[1:].mul_(H[: n - 1])
+        g_A.add_(torch.mul(dA, p.dt4[s:e].unsqueeze(-2)).sum((0, 1)))
+        torch.mul(dA, p.A, out=G)
+        torch.sum(G, -2, out=g_dt[s:e])
+
+
+def scan_backward(
+    g_out: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    ungated: Tensor | None,
+    states: Tensor,
+    delta_softplus: bool,
+) -> tuple[Tensor | None, ...]:
+    """Gradients (u, delta, A, B, C, D, z, delta_bias) of :func:`scan_forward`, each in its input's
+    dtype and layout (None for absent inputs). Recomputes each chunk's states from ``states``."""
+    p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
+    cd, N = p.cd, p.d_state
+    g_out = g_out.to(cd)
+    g_z = None
+    if z is not None:
+        zf = z.to(cd)
+        sig = torch.sigmoid(zf)
+        g_z = (g_out * ungated * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        g_out = g_out * (zf * sig)
+    g_yt = _time_major(g_out, cd)  # (L, b, dim)
+    g_D = None
+    g_ut = torch.zeros_like(p.ut)
+    if D is not None:
+        g_D = (g_yt * p.ut).sum((0, 1)).to(D.dtype)
+        g_ut.addcmul_(g_yt, D.to(cd))
+    gy4 = g_yt.view(p.dt4.shape)
+
+    g_dt = torch.empty_like(p.dt4)
+    g_dtu = torch.empty_like(p.dt4)
+    g_A = torch.zeros_like(p.A)
+    g_Bt = torch.empty_like(p.Bt)
+    g_Ct = torch.empty_like(p.Ct)
+    if p.fused:
+        carry = torch.zeros_like(states[0])
+        for ci, (s, e) in reversed(list(enumerate(p.chunks()))):
+            g_dtu[s:e], g_Bt[s:e], g_Ct[s:e], g_A_chunk, g_dt[s:e], carry = scan_fused.backward(
+                p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], p.Ct[s:e], states[ci], gy4[s:e], carry
+            )
+            g_A.add_(g_A_chunk)
+    else:
+        _backward_chunks(p, states, gy4, g_dt, g_dtu, g_A, g_Bt, g_Ct)
+    g_dt.addcmul_(g_dtu, p.ut4)
+    g_ut.view(p.dt4.shape).addcmul_(g_dtu, p.dt4)
+    if delta_softplus:
+        g_dt.mul_(torch.sigmoid(p.dt_pre.view(p.dt4.shape)))
+    g_dt = g_dt.view(p.length, p.batch, p.dim)
+    g_delta_bias = g_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    g_B = g_Bt.permute(1, 2, 3, 0)
+    g_C = g_Ct.permute(1, 2, 3, 0)
+    return (
+        g_ut.permute(1, 2, 0).to(u.dtype).contiguous(),
+        g_dt.permute(1, 2, 0).to(delta.dtype).contiguous(),
+        g_A.transpose(1, 2).reshape(p.dim, N).to(A.dtype).contiguous(),
+        (g_B if B.dim() == 4 else g_B.squeeze(1)).to(B.dtype).contiguous(),
+        (g_C if C.dim() == 4 else g_C.squeeze(1)).to(C.dtype).contiguous(),
+        g_D,
+        g_z,
+        g_delta_bias,
+    )

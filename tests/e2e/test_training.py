@@ -408,3 +408,19 @@ def test_ddp_world_size_one_under_torchrun_on_gpu(tmp_path):
     )
     rows = [r for r in read_metrics(run_dir) if r["split"] == "train"]
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+@pytest.mark.slow
+def test_trainer_compile_trains_and_resumes_the_demo(tmp_path):
+    """trainer.compile=true: the whole model is one compiled graph; a killed run resumes from last.pt."""
+    overrides = [*TINY, "trainer.compile=true", "trainer.checkpoint_every_steps=3", "trainer.epochs=2"]
+    run_dir = tmp_path / "run"
+    proc = start_run(overrides, run_dir)
+    written = wait_for_checkpoints(proc, run_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert written == 1
+    resumed = run_script("train.py", *overrides, f"hydra.run.dir={run_dir}")
+    assert "resumed from" in resumed.stderr and "done: best val top-1" in resumed.stderr
+    losses = [r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))

@@ -94,3 +94,25 @@ def test_vmamba_cuda_matches_torch_forward_and_backward(dtype, tol):
     model = timm.create_model("vmamba_tiny", dims=32, depths=(1, 2, 1, 1), num_classes=10, drop_path_rate=0.0).cuda()
     x = torch.randn(4, 3, 64, 48, device="cuda")  # non-square: row- and column-major scans differ
     _assert_backends_agree(model, x, dtype, tol)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_the_cuda_scan_custom_ops_pass_opcheck(groups):
+    inputs = {k: v.detach().cuda() for k, v in make_scan_inputs(2, 64, 197, 16, groups).items()}
+    args = (*inputs.values(), True)
+    assert set(torch.library.opcheck(torch.ops.shufflemamba.selective_scan_cuda.default, args).values()) == {"SUCCESS"}
+    out, x, ungated = torch.ops.shufflemamba.selective_scan_cuda(*args)
+    bwd = (torch.randn_like(out), *args[:8], x, ungated, True)
+    assert set(torch.library.opcheck(torch.ops.shufflemamba.selective_scan_cuda_bwd.default, bwd).values()) == {
+        "SUCCESS"
+    }
+
+
+def test_a_compiled_model_on_the_cuda_kernels_is_one_graph_equal_to_eager():
+    torch._dynamo.reset()
+    model = _model(True, shuffle_rate=0.0)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with use_backend("cuda"):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert _rel(compiled, eager) < 1e-4

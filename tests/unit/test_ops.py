@@ -5,9 +5,10 @@ import torch
 from conftest import make_scan_inputs
 
 from shufflemamba import ops
+from shufflemamba.ops import scan_fused, scan_torch, selective_scan_torch
 from shufflemamba.ops.cross_scan import cross_merge, cross_scan, cross_unscan
 from shufflemamba.ops.reference import causal_conv1d_reference, selective_scan_reference
-from shufflemamba.ops.scan_torch import selective_scan_torch, softplus
+from shufflemamba.ops.scan_torch import softplus
 
 SHAPES = [  # (batch, dim, length, d_state, groups)
     (2, 8, 7, 4, None),
@@ -122,3 +123,49 @@ def test_cross_scan_orders_and_exact_inverses(hw):
     torch.testing.assert_close((xs * ys).sum(), (x.flatten(2) * cross_merge(ys, H, W)).sum())
     with pytest.raises(ValueError, match="expected"):
         cross_merge(xs, H + 1, W)
+
+
+@pytest.mark.parametrize(("groups", "optional"), [(None, True), (2, True), (None, False)])
+def test_the_scan_custom_ops_pass_opcheck(groups, optional):
+    """Schema, fake (meta) implementation, autograd registration, AOT dispatch: all four checks."""
+    inputs = make_scan_inputs(2, 8, 11, 4, groups)
+    if not optional:
+        inputs.update(D=None, z=None, delta_bias=None)
+    args = (*inputs.values(), True)
+    ops_ = torch.ops.shufflemamba
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    for op, op_args in ((ops_.selective_scan_torch, args), (ops_.selective_scan_torch_inference, detached)):
+        result = torch.library.opcheck(op.default, op_args)
+        assert set(result.values()) == {"SUCCESS"}, result
+    out, ungated, states = ops_.selective_scan_torch(*detached)
+    grad = torch.randn_like(out)
+    bwd_args = (grad, *detached[:8], ungated, states, True)
+    assert set(torch.library.opcheck(ops_.selective_scan_torch_bwd.default, bwd_args).values()) == {"SUCCESS"}
+
+
+def test_unsupported_scan_inputs_fail_at_the_op_boundary_with_a_clear_message():
+    inputs = make_scan_inputs(2, 8, 11, 4)
+    complex_a = {**inputs, "A": torch.complex(inputs["A"].detach(), inputs["A"].detach())}
+    with pytest.raises(ValueError, match="complex inputs are not supported"):
+        ops.selective_scan(**complex_a, backend="torch")
+    constant_b = {**inputs, "B": torch.randn(8, 4)}
+    with pytest.raises(ValueError, match=r"B must be input-dependent.*got \(8, 4\) \(a constant \(dim, N\) B"):
+        ops.selective_scan(**constant_b, backend="torch")
+    with pytest.raises(ValueError, match="dim 8 is not divisible by the 3 groups of C"):
+        ops.selective_scan(**{**inputs, "C": torch.randn(2, 3, 4, 11)}, backend="torch")
+
+
+def test_the_inductor_compiled_chunks_match_the_reference(monkeypatch):
+    """SHUFFLEMAMBA_SCAN_FUSED=1 forces the compiled chunk path (auto uses it for large scans only)."""
+    monkeypatch.setenv("SHUFFLEMAMBA_SCAN_FUSED", "1")
+    monkeypatch.setattr(scan_torch, "_CHUNK_ELEMENTS", 2 * 16 * 4 * 3)  # chunks of 3 steps: 4 chunks over 11
+    inputs = make_scan_inputs(2, 16, 11, 4, groups=2)
+    y = selective_scan_torch(**inputs, delta_softplus=True)
+    grads = torch.autograd.grad(y, list(inputs.values()), torch.ones_like(y))
+    detached = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    y_ref = selective_scan_reference(**detached, delta_softplus=True)
+    grads_ref = torch.autograd.grad(y_ref, list(detached.values()), torch.ones_like(y_ref))
+    assert not scan_fused._state["broken"]
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -57,15 +57,19 @@ def test_per_block_frequency_matches_the_schedule(per_sample):
     s = LayerwiseShuffle(0.8, depth, per_sample=per_sample).train()
     hidden = torch.zeros(3, 10, 4)
     torch.manual_seed(0)
-    counts = [sum(s.sample(i, hidden) is not None for _ in range(steps)) for i in range(depth)]
+    identity = torch.arange(10)
+
+    def shuffled(i: int) -> bool:
+        perm = s.sample(i, hidden)
+        return perm is not None and not bool((perm == identity).all())
+
+    counts = [sum(shuffled(i) for _ in range(steps)) for i in range(depth)]
     for i, c in enumerate(counts):
         p = s.probability(i)
         sigma = (p * (1 - p) / steps) ** 0.5
         assert abs(c / steps - p) <= 4 * sigma + 1e-9, (i, c / steps, p)
-    perm = None
-    while perm is None:
-        perm = s.sample(depth - 1, hidden)
-    assert perm.shape == ((3, 10) if per_sample else (10,))
+    assert s.sample(0, hidden) is None  # the first block never shuffles: nothing drawn
+    assert s.sample(depth - 1, hidden).shape == ((3, 10) if per_sample else (10,))
 
 
 @pytest.mark.parametrize("shape", [(10,), (3, 10)])
