@@ -18,13 +18,14 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import causal_conv1d, selective_scan
+from ..ops import causal_conv1d, resolve_backend, selective_scan
 from .pretrained_cfg import imagenet_cfg
 from .shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
 from .ssm_init import init_dt_projection_, s4d_real_log_a
@@ -89,8 +90,12 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden (B, L, D) -> (B, L, D)."""
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        y_f, y_b = self._both_directions_fused(x, z) if self.fused_directions else self._both_directions(x, z)
+        xz = self.in_proj(hidden)  # (B, L, 2E)
+        if self.fused_directions:
+            y_f, y_b = self._both_directions_fused(xz).transpose(1, 2).chunk(2, dim=-1)  # (B, L, E) each
+            return self.out_proj((y_f + y_b.flip(1)) / 2)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
+        y_f, y_b = self._both_directions(x, z)
         return self.out_proj((y_f + y_b.flip(-1)).transpose(1, 2) / 2)
 
     def _both_directions(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,25 +114,42 @@ class BiMambaMixer(nn.Module):
         A = -torch.exp(A_log.float())
         return selective_scan(u, delta, A, B, C, D.float(), z, dt_proj.bias.float(), True, backend=self.scan_backend)
 
-    def _both_directions_fused(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _both_directions_fused(self, xz: Tensor) -> Tensor:
         """Both directions in one conv and one scan call: sequences stacked along channels,
-        B/C grouped per direction (channel c reads group c // E)."""
-        batch, inner, length = x.shape
-        xs = torch.cat([x, x.flip(-1)], dim=1)
-        zs = torch.cat([z, z.flip(-1)], dim=1)
+        B/C grouped per direction (channel c reads group c // E). xz (B, L, 2E) -> y (B, 2E, L).
+
+        On the torch backend every tensor stays token-major, (B, L, channels) in memory, from
+        in_proj to out_proj: on CPU an element-wise transpose to channel-first costs more than the
+        conv it feeds (docs/benchmarks.md). The CUDA kernels get channel-first contiguous tensors."""
+        batch, length, _ = xz.shape
+        inner, rank, d_state = self.d_inner, self.dt_rank, self.d_state
+        token_major = resolve_backend(self.scan_backend, xz) == "torch"
+        x, z = xz.chunk(2, dim=-1)
+        xs = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)  # (B, 2E, L), stored token-major
+        zs = torch.cat([z, z.flip(1)], dim=-1).transpose(1, 2)
+        if not token_major:
+            xs, zs = xs.contiguous(), zs.contiguous()
         conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1)
         conv_b = torch.cat([self.conv1d.bias, self.conv1d_b.bias])
-        u = causal_conv1d(xs, conv_w, conv_b, "silu", backend=self.scan_backend)  # (B, 2E, L)
-        x_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R + 2N, E)
-        x_dbl = torch.matmul(x_w, u.view(batch, 2, inner, length))  # (B, 2, R + 2N, L)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        dt_w = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])  # (2, E, R)
-        delta = torch.matmul(dt_w, dt).view(batch, 2 * inner, length)
+        u = causal_conv1d(xs, conv_w, conv_b, "silu", backend=self.scan_backend)  # (B, 2E, L), xs's layout
+        if token_major:
+            # Per-direction projections as one linear with block-diagonal weights (zeros add exactly).
+            x_w = torch.block_diag(self.x_proj.weight, self.x_proj_b.weight)  # (2(R + 2N), 2E)
+            x_dbl = F.linear(u.transpose(1, 2), x_w).view(batch, length, 2, -1)  # (B, L, 2, R + 2N)
+            dt, B, C = x_dbl.split([rank, d_state, d_state], dim=-1)
+            dt_w = torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight)  # (2E, 2R)
+            delta = F.linear(dt.reshape(batch, length, 2 * rank), dt_w).transpose(1, 2)  # (B, 2E, L)
+            B, C = B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)  # (B, 2, N, L)
+        else:
+            x_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R + 2N, E)
+            x_dbl = torch.matmul(x_w, u.view(batch, 2, inner, length))  # (B, 2, R + 2N, L)
+            dt, B, C = x_dbl.split([rank, d_state, d_state], dim=2)
+            dt_w = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])  # (2, E, R)
+            delta = torch.matmul(dt_w, dt).view(batch, 2 * inner, length)
         A = -torch.exp(torch.cat([self.A_log, self.A_b_log]).float())
         D = torch.cat([self.D, self.D_b]).float()
         dt_bias = torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float()
-        y = selective_scan(u, delta, A, B, C, D, zs, dt_bias, True, backend=self.scan_backend)
-        return y[:, :inner], y[:, inner:]
+        return selective_scan(u, delta, A, B, C, D, zs, dt_bias, True, backend=self.scan_backend)
 
 
 class MambaBlock(nn.Module):

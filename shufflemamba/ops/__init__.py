@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
+from .conv_torch import causal_conv1d_torch, is_token_major
 from .cuda import CudaKernelsUnavailable, cuda_kernels_available, require_cuda_kernels
 from .custom_ops import selective_scan_cuda_op, selective_scan_torch, selective_scan_torch_op
 from .reference import causal_conv1d_reference, selective_scan_reference
@@ -38,6 +39,7 @@ __all__ = [
     "CudaKernelsUnavailable",
     "causal_conv1d",
     "cuda_kernels_available",
+    "is_token_major",
     "resolve_backend",
     "selective_scan",
     "selective_scan_torch",
@@ -114,8 +116,12 @@ def causal_conv1d(
     activation: str | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Depthwise causal conv over the last axis: x (b, dim, L), weight (dim, width)."""
-    if resolve_backend(backend, x) == "cuda":
+    """Depthwise causal conv over the last axis: x (b, dim, L), weight (dim, width); the result
+    keeps x's layout (channel-first or token-major) on the cuda and torch backends."""
+    name = resolve_backend(backend, x)
+    if name == "cuda":
         _, conv = require_cuda_kernels(x)
         return conv(x, weight, bias, activation=activation)
+    if name == "torch":
+        return causal_conv1d_torch(x, weight, bias, activation)
     return causal_conv1d_reference(x, weight, bias, activation)

@@ -5,7 +5,8 @@ at mamba-ssm's extension call.
 
 - ``shufflemamba::selective_scan_torch`` / ``..._torch_bwd``: the pure-PyTorch scan
   (:mod:`.scan_torch`); the forward also returns what its backward needs (the ungated output
-  and the chunk-start states), so nothing is recomputed twice.
+  and the chunk-start states), so nothing is recomputed twice. Its (b, d, L) results and
+  gradients are stored token-major, (b, L, d), the layout of the mixer around it on CPU.
 - ``shufflemamba::selective_scan_torch_inference``: the same forward keeping nothing (no grad).
 - ``shufflemamba::selective_scan_cuda`` / ``..._cuda_bwd``: mamba-ssm's ``selective_scan_cuda``
   kernels, called exactly as its ``SelectiveScanFn`` calls them.
@@ -102,9 +103,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     batch, dim, length = u.shape
     d_state, groups, cd = A.shape[1], _groups(B), _compute_dtype(u)
     chunks = scan_torch.num_chunks(batch, dim, d_state, length)
-    ungated = u.new_empty((batch, dim, length), dtype=cd) if z is not None else u.new_empty((0,))
+    ungated = u.new_empty((length, batch, dim), dtype=cd) if z is not None else u.new_empty((0,))
     states = u.new_empty((chunks, batch, groups, d_state, dim // groups), dtype=cd)
-    return u.new_empty(u.shape), ungated, states
+    return scan_torch.token_major_empty(u, u.shape), ungated, states
 
 
 @torch.library.custom_op("shufflemamba::selective_scan_torch_bwd", mutates_args=())
@@ -140,7 +141,19 @@ def _scan_torch_bwd(
 
 @_scan_torch_bwd.register_fake
 def _(g_out, u, delta, A, B, C, D, z, delta_bias, ungated, states, delta_softplus):
-    return _grads_like(u, delta, A, B, C, D, z, delta_bias)
+    def vector(t: Tensor | None) -> Tensor:
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else u.new_empty((0,))
+
+    return (
+        scan_torch.token_major_empty(u, u.shape),
+        scan_torch.token_major_empty(delta, delta.shape),
+        vector(A),
+        scan_torch.bc_grad_empty(B, B.shape),
+        scan_torch.bc_grad_empty(C, C.shape),
+        vector(D),
+        scan_torch.token_major_empty(z, z.shape) if z is not None else u.new_empty((0,)),
+        vector(delta_bias),
+    )
 
 
 @torch.library.custom_op("shufflemamba::selective_scan_torch_inference", mutates_args=())
@@ -162,7 +175,7 @@ def _scan_torch_inference(
 @_scan_torch_inference.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    return u.new_empty(u.shape)
+    return scan_torch.token_major_empty(u, u.shape)
 
 
 # ---- the mamba-ssm CUDA path ----------------------------------------------------------------

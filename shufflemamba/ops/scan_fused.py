@@ -6,9 +6,10 @@ and three contractions); compiled, each time step's exp, update and contraction 
 registers, which is what the CPU is short of (docs/benchmarks.md: ``exp`` and element-wise passes
 over (L, b, 2E, N) dominate the eager scan).
 
-Compiled once per chunk shape and cached (Inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``,
-serves later processes). Used for large scans only (``SHUFFLEMAMBA_SCAN_FUSED``: ``auto`` from
-4M state elements per call, ``1`` always, ``0`` never), so small shapes never pay a compile; if
+Compiled once per piece shape (a chunk is cut into pieces of at most ``MAX_PIECE_STEPS`` steps) and
+cached (Inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``, serves later processes). Used for
+large scans with a real state only (``SHUFFLEMAMBA_SCAN_FUSED``: ``auto`` from 4M state elements
+per call and d_state >= 8, ``1`` always, ``0`` never), so small shapes never pay a compile; if
 compiling fails (no C++ compiler), the eager chunk is used from then on, with one warning.
 """
 
@@ -24,6 +25,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 AUTO_MIN_ELEMENTS = 1 << 22  # b x dim x N x L per scan call: Vim-T at batch 8 is 19M, the demo 2M
+AUTO_MIN_STATE = 8  # Vim's d_state 16 is where exp and the state passes dominate; VMamba's 1 is not
+MAX_PIECE_STEPS = 16  # the compiled loop is unrolled: its compile time grows with the steps
 _state = {"broken": False}
 
 
@@ -34,7 +37,16 @@ def enabled(batch: int, dim: int, d_state: int, length: int, device: torch.devic
         raise ValueError(f"SHUFFLEMAMBA_SCAN_FUSED={mode!r}: use auto, 0 or 1")
     if mode == "0" or _state["broken"] or device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    return mode == "1" or batch * dim * d_state * length >= AUTO_MIN_ELEMENTS
+    return mode == "1" or (d_state >= AUTO_MIN_STATE and batch * dim * d_state * length >= AUTO_MIN_ELEMENTS)
+
+
+def pieces(start: int, end: int) -> list[tuple[int, int]]:
+    """Split the chunk [start, end) into equal pieces of at most ``MAX_PIECE_STEPS`` steps, each one
+    compiled call: compile time stays bounded whatever the chunk length (which grows as the batch,
+    width or d_state shrink), and equal pieces keep the number of compiled shapes small."""
+    count = -(-(end - start) // MAX_PIECE_STEPS)
+    size = -(-(end - start) // count)
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
 
 
 def chunk_forward(dt: Tensor, dtu: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:

@@ -55,6 +55,33 @@ def _time_major(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).permute(2, 0, 1).contiguous()
 
 
+def token_major_empty(like: Tensor, shape: tuple[int, int, int], dtype: torch.dtype | None = None) -> Tensor:
+    """An empty (b, d, L) tensor stored token-major, as (b, L, d): the layout of every (b, d, L)
+    result and gradient of this scan (see :func:`_token_major`)."""
+    batch, dim, length = shape
+    return like.new_empty((batch, length, dim), dtype=dtype or like.dtype).transpose(1, 2)
+
+
+def _token_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Time-major (L, b, d) -> a (b, d, L) tensor stored token-major (b, L, d), in ``dtype``.
+
+    Token-major is what the mixer's linear layers produce and read, and it is reached from the
+    scan's time-major layout by moving whole rows of d values; (b, d, L)-contiguous would be an
+    element-wise transpose, which on CPU costs several times the copy (docs/benchmarks.md)."""
+    length, batch, dim = x.shape
+    out = token_major_empty(x, (batch, dim, length), dtype)
+    out.transpose(1, 2).copy_(x.transpose(0, 1))
+    return out
+
+
+def bc_grad_empty(like: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
+    """An empty gradient for B or C of ``shape`` (b, N, L) or (b, G, N, L), stored (b, L, [G,] N)."""
+    if len(shape) == 3:
+        return token_major_empty(like, shape, dtype)
+    batch, groups, d_state, length = shape
+    return like.new_empty((batch, length, groups, d_state), dtype=dtype or like.dtype).permute(0, 2, 3, 1)
+
+
 def _bc_time_major(mat: Tensor, dtype: torch.dtype) -> Tensor:
     """B or C, (b, N, L) or (b, G, N, L) -> contiguous (L, b, G, N) in the compute dtype."""
     if mat.dim() == 3:
@@ -141,7 +168,8 @@ def _scan_forward_fused(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor
     for s, e in p.chunks():
         if keep_starts:
             starts.append(h if s else None)
-        y[s:e], h = scan_fused.forward(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], p.Ct[s:e], h)
+        for a, b in scan_fused.pieces(s, e):
+            y[a:b], h = scan_fused.forward(p.dt4[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], h)
     return y.view(p.length, p.batch, p.dim), h, starts
 
 
@@ -168,24 +196,22 @@ def scan_forward(
     delta_softplus: bool,
     for_backward: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-    """(out (b, d, L) in u's dtype, the ungated output (with z, for backward), the chunk-start
-    states (for backward), the last state (b, d, N)). Nothing is kept without ``for_backward``."""
+    """(out (b, d, L) in u's dtype, stored token-major; the ungated output (L, b, d), with z, for
+    backward; the chunk-start states (for backward); the last state (b, d, N)). Inputs may have
+    any strides; token-major ones are the cheapest. Nothing is kept without ``for_backward``."""
     p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     y, last, starts = _scan_forward(p, keep_starts=for_backward)
     if D is not None:
         y.addcmul_(p.ut, D.to(p.cd))
-    out = y.permute(1, 2, 0)
     ungated = None
     if z is not None:
-        gate = F.silu(z.to(p.cd))
+        gate = F.silu(_time_major(z, p.cd))
         if for_backward:
-            ungated = out.contiguous()
-            out = out * gate
+            ungated, y = y, y * gate
         else:
-            out = out.mul_(gate)
-    result = out.to(u.dtype).contiguous()
+            y.mul_(gate)
     states = _states_tensor(p, starts) if for_backward else None
-    return result, ungated, states, last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
+    return _token_major(y, u.dtype), ungated, states, last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
 
 
 def _backward_chunks(
@@ -243,17 +269,17 @@ def scan_backward(
     delta_softplus: bool,
 ) -> tuple[Tensor | None, ...]:
     """Gradients (u, delta, A, B, C, D, z, delta_bias) of :func:`scan_forward`, each in its input's
-    dtype and layout (None for absent inputs). Recomputes each chunk's states from ``states``."""
+    dtype (None for absent inputs); those of u, delta, z, B, C stored token-major. Recomputes each
+    chunk's states from ``states``."""
     p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
     cd, N = p.cd, p.d_state
-    g_out = g_out.to(cd)
+    g_yt = _time_major(g_out, cd)  # (L, b, dim)
     g_z = None
     if z is not None:
-        zf = z.to(cd)
-        sig = torch.sigmoid(zf)
-        g_z = (g_out * ungated * sig * (1 + zf * (1 - sig))).to(z.dtype)
-        g_out = g_out * (zf * sig)
-    g_yt = _time_major(g_out, cd)  # (L, b, dim)
+        zt = _time_major(z, cd)
+        sig = torch.sigmoid(zt)
+        g_z = _token_major(g_yt * ungated * sig * (1 + zt * (1 - sig)), z.dtype)
+        g_yt = g_yt * (zt * sig)
     g_D = None
     g_ut = torch.zeros_like(p.ut)
     if D is not None:
@@ -269,10 +295,17 @@ def scan_backward(
     if p.fused:
         carry = torch.zeros_like(states[0])
         for ci, (s, e) in reversed(list(enumerate(p.chunks()))):
-            g_dtu[s:e], g_Bt[s:e], g_Ct[s:e], g_A_chunk, g_dt[s:e], carry = scan_fused.backward(
-                p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], p.Ct[s:e], states[ci], gy4[s:e], carry
-            )
-            g_A.add_(g_A_chunk)
+            pieces = scan_fused.pieces(s, e)
+            piece_starts = [states[ci]]  # each piece's starting state, recomputed from the chunk's
+            for a, b in pieces[:-1]:
+                piece_starts.append(
+                    scan_fused.forward(p.dt4[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], piece_starts[-1])[1]
+                )
+            for (a, b), h0 in reversed(list(zip(pieces, piece_starts, strict=True))):
+                g_dtu[a:b], g_Bt[a:b], g_Ct[a:b], g_A_piece, g_dt[a:b], carry = scan_fused.backward(
+                    p.dt4[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], h0, gy4[a:b], carry
+                )
+                g_A.add_(g_A_piece)
     else:
         _backward_chunks(p, states, gy4, g_dt, g_dtu, g_A, g_Bt, g_Ct)
     g_dt.addcmul_(g_dtu, p.ut4)
@@ -281,15 +314,21 @@ def scan_backward(
         g_dt.mul_(torch.sigmoid(p.dt_pre.view(p.dt4.shape)))
     g_dt = g_dt.view(p.length, p.batch, p.dim)
     g_delta_bias = g_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-    g_B = g_Bt.permute(1, 2, 3, 0)
-    g_C = g_Ct.permute(1, 2, 3, 0)
     return (
-        g_ut.permute(1, 2, 0).to(u.dtype).contiguous(),
-        g_dt.permute(1, 2, 0).to(delta.dtype).contiguous(),
+        _token_major(g_ut, u.dtype),
+        _token_major(g_dt, delta.dtype),
         g_A.transpose(1, 2).reshape(p.dim, N).to(A.dtype).contiguous(),
-        (g_B if B.dim() == 4 else g_B.squeeze(1)).to(B.dtype).contiguous(),
-        (g_C if C.dim() == 4 else g_C.squeeze(1)).to(C.dtype).contiguous(),
+        _bc_grad(g_Bt, B),
+        _bc_grad(g_Ct, C),
         g_D,
         g_z,
         g_delta_bias,
     )
+
+
+def _bc_grad(g_t: Tensor, mat: Tensor) -> Tensor:
+    """A time-major (L, b, G, N) gradient back to B's / C's shape, stored as :func:`bc_grad_empty`."""
+    out = bc_grad_empty(g_t, tuple(mat.shape), mat.dtype)
+    stored = out.permute(0, 3, 1, 2) if mat.dim() == 4 else out.transpose(1, 2).unsqueeze(2)
+    stored.copy_(g_t.transpose(0, 1))
+    return out

@@ -159,6 +159,8 @@ def test_the_inductor_compiled_chunks_match_the_reference(monkeypatch):
     """SHUFFLEMAMBA_SCAN_FUSED=1 forces the compiled chunk path (auto uses it for large scans only)."""
     monkeypatch.setenv("SHUFFLEMAMBA_SCAN_FUSED", "1")
     monkeypatch.setattr(scan_torch, "_CHUNK_ELEMENTS", 2 * 16 * 4 * 3)  # chunks of 3 steps: 4 chunks over 11
+    monkeypatch.setattr(scan_fused, "MAX_PIECE_STEPS", 2)  # each chunk in compiled pieces of 2 + 1 steps
+    assert scan_fused.pieces(0, 3) == [(0, 2), (2, 3)] and scan_fused.pieces(9, 11) == [(9, 11)]
     inputs = make_scan_inputs(2, 16, 11, 4, groups=2)
     y = selective_scan_torch(**inputs, delta_softplus=True)
     grads = torch.autograd.grad(y, list(inputs.values()), torch.ones_like(y))
@@ -169,3 +171,33 @@ def test_the_inductor_compiled_chunks_match_the_reference(monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """The same (b, d, L) values stored (b, L, d), as the Vim mixer keeps them on CPU."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(t.requires_grad)
+
+
+def test_token_major_inputs_give_the_same_conv_and_scan_and_stay_token_major():
+    """The torch backend's conv and scan read any layout; their (b, d, L) results and gradients are
+    stored token-major (the layout the mixer computes in), whatever the inputs' layout."""
+    x, weight, bias = torch.randn(2, 12, 9), torch.randn(12, 4), torch.randn(12)
+    conv_tm = ops.causal_conv1d(_token_major(x), weight, bias, "silu", backend="torch")
+    assert ops.is_token_major(conv_tm) and not ops.is_token_major(x)
+    torch.testing.assert_close(conv_tm, causal_conv1d_reference(x, weight, bias, "silu"), rtol=1e-5, atol=1e-6)
+
+    inputs = make_scan_inputs(2, 12, 9, 4, groups=2)
+    moved = {k: _token_major(v) if k in ("u", "delta", "z") else v.detach().requires_grad_() for k, v in inputs.items()}
+    grad_out = torch.randn(2, 12, 9)
+    results = []
+    for args in (inputs, moved):
+        y = selective_scan_torch(**args, delta_softplus=True)
+        grads = torch.autograd.grad(y, list(args.values()), grad_out)
+        assert ops.is_token_major(y)
+        assert all(ops.is_token_major(grads[i]) for i in (0, 1, 6))  # u, delta, z
+        results.append((y, grads))
+    (y, grads), (y_tm, grads_tm) = results
+    torch.testing.assert_close(y_tm, y, rtol=0, atol=0)
+    for a, b in zip(grads_tm, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(y, selective_scan_reference(**inputs, delta_softplus=True), rtol=1e-5, atol=1e-5)
