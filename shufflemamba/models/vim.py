@@ -125,10 +125,12 @@ class BiMambaMixer(nn.Module):
         inner, rank, d_state = self.d_inner, self.dt_rank, self.d_state
         token_major = resolve_backend(self.scan_backend, xz) == "torch"
         x, z = xz.chunk(2, dim=-1)
-        xs = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)  # (B, 2E, L), stored token-major
-        zs = torch.cat([z, z.flip(1)], dim=-1).transpose(1, 2)
-        if not token_major:
-            xs, zs = xs.contiguous(), zs.contiguous()
+        if token_major:  # (B, 2E, L), stored (B, L, 2E)
+            xs = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)
+            zs = torch.cat([z, z.flip(1)], dim=-1).transpose(1, 2)
+        else:  # (B, 2E, L) contiguous, written by cat in one pass
+            x, z = x.transpose(1, 2), z.transpose(1, 2)
+            xs, zs = torch.cat([x, x.flip(-1)], dim=1), torch.cat([z, z.flip(-1)], dim=1)
         conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1)
         conv_b = torch.cat([self.conv1d.bias, self.conv1d_b.bias])
         u = causal_conv1d(xs, conv_w, conv_b, "silu", backend=self.scan_backend)  # (B, 2E, L), xs's layout

@@ -135,6 +135,8 @@ def test_model_matches_the_published_equations(name, fused):
 
 
 def test_torch_and_reference_backends_agree_on_a_model_forward_and_backward():
+    """Also the mixer's two layouts: token-major on the torch backend, channel-first (the CUDA
+    kernels' layout) on the reference one."""
     torch.manual_seed(1)
     model = tiny("shufflemamba_tiny_patch16_224", shuffle_rate=0.0)
     images = torch.randn(2, 3, 32, 32)
