@@ -56,10 +56,6 @@ def check_scan_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise ValueError(f"selective scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
 
 
-def _compute_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
 def _groups(B: Tensor) -> int:
     return B.shape[1] if B.dim() == 4 else 1
 
@@ -101,7 +97,7 @@ def _scan_torch(
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
-    d_state, groups, cd = A.shape[1], _groups(B), _compute_dtype(u)
+    d_state, groups, cd = A.shape[1], _groups(B), scan_torch.compute_dtype(u)
     chunks = scan_torch.num_chunks(batch, dim, d_state, length)
     ungated = u.new_empty((length, batch, dim), dtype=cd) if z is not None else u.new_empty((0,))
     states = u.new_empty((chunks, batch, groups, d_state, dim // groups), dtype=cd)
