@@ -9,12 +9,19 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import timm
 import torch
-from hydra import compose, initialize_config_dir
 
-from shufflemamba.config import register_resolvers
+if not torch.cuda.is_available():
+    # The triton backend's kernels run on CPU tensors under Triton's interpreter; it must be on before
+    # they are first imported (and it is inherited by the train.py / eval.py subprocesses).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from shufflemamba.config import register_resolvers  # noqa: E402
+from shufflemamba.ops import ScanArgs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +161,35 @@ def make_scan_inputs(b, d, L, N, groups=None, dtype=torch.float32, seed=0):
         delta_bias=t(d, scale=0.5, shift=-1.0),
     )
     return {k: v.requires_grad_() for k, v in inputs.items()}
+
+
+def make_scan_args(
+    b, L, K, E, N, *, shared_u=False, shared_z=False, directions=None, grid=None, combine="none", optional=True,
+    softplus=True, dtype=torch.float32, seed=0,
+) -> ScanArgs:  # fmt: skip
+    """Random token-major ScanArgs (batch b, length L, K directions of E channels, state N), leaves
+    requiring grad; ``optional`` adds D, z and the delta bias."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g) * scale + shift).to(dtype).requires_grad_()
+
+    return ScanArgs(
+        u=t(b, L, 1 if shared_u else K, E),
+        delta=t(b, L, K, E, scale=0.5),
+        A=(-(torch.rand(K, E, N, generator=g) * 4 + 0.2)).requires_grad_(),
+        B=t(b, L, K, N),
+        C=t(b, L, K, N),
+        D=t(K, E) if optional else None,
+        z=t(b, L, 1 if shared_z else K, E) if optional else None,
+        delta_bias=t(K, E, scale=0.5, shift=-1.0) if optional else None,
+        delta_softplus=softplus,
+        directions=directions,
+        grid=grid,
+        combine=combine,
+    )
+
+
+def scan_leaves(args: ScanArgs) -> dict[str, torch.Tensor]:
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    return {n: t for n, t in zip(names, args.tensors(), strict=True) if t is not None}

@@ -12,10 +12,11 @@ CPU, Vim-T against DeiT-T, interleaved over 5 rounds (a noisy machine hurts both
 CPU smoke test (tiny sizes, so CI can run it):
     python scripts/benchmark.py models --device cpu --tiny --resolutions 64 --batch 2 --steps 2 --warmup 1
 
-Variants: "<vim>/cuda-fused", "<vim>/cuda-unfused", "<vim>/cuda-fused+shuffle0.5" (training only),
-"<vim>/torch" and "<vim>/torch-fused" (the torch scan with eager / Inductor-compiled chunks) for the
-Vim family, "<vmamba>/cuda", "<vmamba>/torch(-fused)" for VMamba (cuda ones only where the kernels
-import; the torch path only on CPU or with --torch-path), the bare name for timm's models. Every
+Variants: "<vim>/triton", "<vim>/triton+shuffle0.5" (training only; our Triton kernels, on any
+GPU), "<vim>/cuda-fused", "<vim>/cuda-unfused", "<vim>/cuda-fused+shuffle0.5" (mamba-ssm, where
+its kernels import), "<vim>/torch" and "<vim>/torch-fused" (the torch scan with eager /
+Inductor-compiled chunks; on CPU or with --torch-path) for the Vim family; "<vmamba>/triton",
+"<vmamba>/cuda", "<vmamba>/torch(-fused)" for VMamba; the bare name for timm's models. Every
 Vim-family variant sets its shuffle rate explicitly (0 unless named), so a
 size's registry default does not leak into the comparison. ``--variants REGEX`` keeps matching
 labels; ``--compile both --compile-variants REGEX`` compiles only the matching ones.
@@ -33,7 +34,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import platform
 import re
 import statistics
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401
 from shufflemamba.models.vim import BiMambaMixer
-from shufflemamba.ops import cuda_kernels_available, use_backend
+from shufflemamba.ops import ScanSettings, cuda_kernels_available, triton_available
 
 OURS = ["vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224"]
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
@@ -69,17 +69,20 @@ TINY_KWARGS = {
 class Variant:
     label: str
     model: str
-    backend: str | None  # scan backend forced for the run; None for timm's own models
+    backend: str | None  # scan backend the model is built with; None for timm's own models
     kwargs: dict = field(default_factory=dict)
     train_only: bool = False
-    env: dict = field(default_factory=dict)  # environment while it is built and timed
+    knobs: dict = field(default_factory=dict)  # ScanSettings knobs (the torch path's fused chunks)
+
+    def scan_settings(self) -> ScanSettings | None:
+        return ScanSettings.resolve(self.backend, **self.knobs) if self.backend else None
 
 
 def _torch_path(label: str, name: str, **kwargs) -> list[Variant]:
     """The pure-PyTorch scan with eager chunks, and with Inductor-compiled chunks (CPU)."""
     return [
-        Variant(f"{label}/torch", name, "torch", kwargs, env={"SHUFFLEMAMBA_SCAN_FUSED": "0"}),
-        Variant(f"{label}/torch-fused", name, "torch", kwargs, env={"SHUFFLEMAMBA_SCAN_FUSED": "1"}),
+        Variant(f"{label}/torch", name, "torch", kwargs, knobs={"fused": "0"}),
+        Variant(f"{label}/torch-fused", name, "torch", kwargs, knobs={"fused": "1"}),
     ]
 
 
@@ -87,8 +90,20 @@ def variants(models: list[str], device: str, torch_path: bool) -> list[Variant]:
     """Every measurable variant of these models on this device."""
     out = []
     kernels = device == "cuda" and cuda_kernels_available()
+    triton = device == "cuda" and triton_available("cuda")
     for name in models:
         if name.startswith(VIM_FAMILY):
+            if triton:
+                out += [
+                    Variant(f"{name}/triton", name, "triton", dict(shuffle_rate=0.0)),
+                    Variant(
+                        f"{name}/triton+shuffle{SHUFFLE_RATE}",
+                        name,
+                        "triton",
+                        dict(shuffle_rate=SHUFFLE_RATE),
+                        train_only=True,
+                    ),  # fmt: skip
+                ]
             if kernels:
                 out += [
                     Variant(f"{name}/cuda-fused", name, "cuda", dict(fused_directions=True, shuffle_rate=0.0)),
@@ -101,12 +116,14 @@ def variants(models: list[str], device: str, torch_path: bool) -> list[Variant]:
                         train_only=True,
                     ),
                 ]
-            if torch_path or not kernels:
+            if torch_path or not (kernels or triton):
                 out += _torch_path(name, name, fused_directions=True, shuffle_rate=0.0)
         elif name.startswith("vmamba_"):
+            if triton:
+                out.append(Variant(f"{name}/triton", name, "triton"))
             if kernels:
                 out.append(Variant(f"{name}/cuda", name, "cuda"))
-            if torch_path or not kernels:
+            if torch_path or not (kernels or triton):
                 out += _torch_path(name, name)
         else:
             out.append(Variant(name, name, None))
@@ -119,6 +136,8 @@ def build(variant: Variant, res: int, tiny: bool, device: str) -> torch.nn.Modul
         kw["img_size"] = res
     if tiny:
         kw.update(next(v for prefix, v in TINY_KWARGS.items() if variant.model.startswith(prefix)))
+    if variant.backend:
+        kw["scan_backend"] = variant.scan_settings()
     return timm.create_model(variant.model, **kw).to(device)
 
 
@@ -181,42 +200,45 @@ def measure(model, batch, res, device, train, steps, warmup, amp, compile_model,
 
 
 def mixer_benchmark(device: str, amp: bool, tiny: bool, repeats: int) -> list[dict]:
-    """BiMambaMixer forward+backward: both directions in one conv + one scan call (fused) against
-    the official structure (one conv + one scan per direction), same weights, same input."""
+    """BiMambaMixer forward+backward on each GPU backend (the torch path on CPU): both directions in
+    one conv + one scan call (fused: read by index on triton, stacked on cuda / torch) against the
+    official structure (one conv + one scan per direction), same weights, same input."""
     d_model = 32 if tiny else 384  # Vim-S width
     shapes = [(2, 17), (1, 65)] if tiny else [(128, 197), (32, 1025), (8, 4097)]  # 224 / 512 / 1024 px
-    backend = "cuda" if device == "cuda" and cuda_kernels_available() else "torch"
+    backends = [b for b, ok in (("triton", triton_available(device)), ("cuda", cuda_kernels_available())) if ok]
+    backends = backends if device == "cuda" and backends else ["torch"]
     rows = []
-    for batch, length in shapes:
-        torch.manual_seed(0)
-        mixer = BiMambaMixer(d_model).to(device)
-        x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
-        grad = torch.randn(batch, length, d_model, device=device)
-        times = {}
-        for fused in (True, False, True, False):  # ABAB: drift hits both
-            mixer.fused_directions = fused
+    for backend in backends:
+        for batch, length in shapes:
+            torch.manual_seed(0)
+            mixer = BiMambaMixer(d_model, scan_backend=backend).to(device)
+            x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
+            grad = torch.randn(batch, length, d_model, device=device)
+            times = {}
+            for fused in (True, False, True, False):  # ABAB: drift hits both
+                mixer.fused_directions = fused
 
-            def step(mixer=mixer, x=x, grad=grad):
-                with use_backend(backend), torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-                    out = mixer(x)
-                out.backward(grad)
+                def step(mixer=mixer, x=x, grad=grad):
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                        out = mixer(x)
+                    out.backward(grad)
 
-            for _ in range(3):
-                step()
-            times.setdefault(fused, []).extend(StepTimer(device).time(step, repeats))
-        fused_ms, unfused_ms = statistics.median(times[True]), statistics.median(times[False])
-        rows.append(
-            {
-                "batch": batch,
-                "length": length,
-                "d_model": d_model,
-                "backend": backend,
-                "fused_ms": fused_ms,
-                "unfused_ms": unfused_ms,
-                "speedup": unfused_ms / fused_ms,
-            }
-        )
-        print(json.dumps({"mixer": rows[-1]}), flush=True)
+                for _ in range(3):
+                    step()
+                times.setdefault(fused, []).extend(StepTimer(device).time(step, repeats))
+            fused_ms, unfused_ms = statistics.median(times[True]), statistics.median(times[False])
+            rows.append(
+                {
+                    "batch": batch,
+                    "length": length,
+                    "d_model": d_model,
+                    "backend": backend,
+                    "fused_ms": fused_ms,
+                    "unfused_ms": unfused_ms,
+                    "speedup": unfused_ms / fused_ms,
+                }
+            )
+            print(json.dumps({"mixer": rows[-1]}), flush=True)
     return rows
 
 
@@ -283,14 +305,14 @@ def markdown(rows: list[dict], mixer_rows: list[dict], header: str) -> str:
     if mixer_rows:
         lines += [
             "",
-            "Bidirectional mixer alone, forward + backward "
-            f"(d_model {mixer_rows[0]['d_model']}, backend {mixer_rows[0]['backend']}, median ms):",
+            f"Bidirectional mixer alone, forward + backward (d_model {mixer_rows[0]['d_model']}, median ms):",
             "",
-            "| batch | L | fused (1 conv + 1 scan) | official (2 + 2) | speed-up |",
-            "|---|---|---|---|---|",
+            "| backend | batch | L | fused (1 conv + 1 scan) | official (2 + 2) | speed-up |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {m['batch']} | {m['length']} | {m['fused_ms']:.2f} | {m['unfused_ms']:.2f} | {m['speedup']:.2f}x |"
+            f"| {m['backend']} | {m['batch']} | {m['length']} | {m['fused_ms']:.2f} | {m['unfused_ms']:.2f} | "
+            f"{m['speedup']:.2f}x |"
             for m in mixer_rows
         ]
     return "\n".join(lines) + "\n"
@@ -298,14 +320,13 @@ def markdown(rows: list[dict], mixer_rows: list[dict], header: str) -> str:
 
 def profile_step(variant: Variant, args, res: int) -> str:
     """Profiler table (by self device time) of one training step, after warm-up."""
-    with use_backend(variant.backend or "auto"):
-        model = build(variant, res, args.tiny, args.device)
-        measure(model, args.batch, res, args.device, True, 1, 2, not args.no_amp, False)
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if args.device == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            measure(model, args.batch, res, args.device, True, 1, 0, not args.no_amp, False)
+    model = build(variant, res, args.tiny, args.device)
+    measure(model, args.batch, res, args.device, True, 1, 2, not args.no_amp, False)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        measure(model, args.batch, res, args.device, True, 1, 0, not args.no_amp, False)
     key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     title = (
         f"one training step (timed twice inside: first call + 1 step) of {variant.label}, batch {args.batch}, {res}px"
@@ -350,37 +371,18 @@ def measure_job(job: tuple, args: argparse.Namespace) -> dict:
         "amp": "fp32" if args.no_amp else "bf16",
     }
     model = None
-    saved_env = {k: os.environ.get(k) for k in variant.env}
-    os.environ.update(variant.env)
     try:
-        with use_backend(variant.backend or "auto"):
-            model = build(variant, res, args.tiny, args.device)
-            row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-            train = mode == "train"
-            row.update(
-                measure(
-                    model,
-                    batch,
-                    res,
-                    args.device,
-                    train,
-                    args.steps,
-                    args.warmup,
-                    not args.no_amp,
-                    compiled,
-                    args.fullgraph,
-                )  # fmt: skip
-            )
+        model = build(variant, res, args.tiny, args.device)
+        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        row.update(
+            measure(model, batch, res, args.device, mode == "train", args.steps, args.warmup, not args.no_amp,
+                    compiled, args.fullgraph)
+        )  # fmt: skip
     except torch.OutOfMemoryError:
         row.update(img_s=None, ms_per_step=None, peak_gib="OOM", error="out of memory")
     except Exception as exc:  # one broken variant must not lose the rest of the run
         row.update(img_s=None, ms_per_step=None, error=f"{type(exc).__name__}: {exc}"[:200])
     finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         model = None
         if compiled:
             torch._dynamo.reset()

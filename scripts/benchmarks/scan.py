@@ -1,8 +1,7 @@
 """The CPU torch scan path: selective scan forward+backward at (B, L, E, N) = (8, 197, 384, 16),
-our chunked torch path against a classic sequential reference of mamba-ssm's
-``selective_scan_ref`` kind (the whole sequence discretised up front, then an indexed loop,
-autograd through it), with the outputs and gradients compared. (Whole models against DeiT:
-the ``models`` mode.)
+our chunked torch path against the shipped sequential reference (``shufflemamba.ops.reference``,
+one step at a time, autograd through it), with the outputs and gradients compared. (Whole models
+against DeiT: the ``models`` mode; the Triton kernels: the ``kernels`` mode.)
 
     python scripts/benchmark.py scan [--batch 8] [--repeats 5] [--json out.json]
 
@@ -21,27 +20,11 @@ import time
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401
-import shufflemamba.ops.scan_torch as scan_torch
-from shufflemamba.ops import selective_scan_torch
-
-
-def selective_scan_classic(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
-    """The classic reference: deltaA / deltaB_u for the whole sequence, then x = dA[:, :, i] * x + ..."""
-    u, delta = u.float(), delta.float() + delta_bias[..., None].float()
-    if delta_softplus:
-        delta = F.softplus(delta)
-    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B.float(), u)
-    x = A.new_zeros((u.shape[0], A.shape[0], A.shape[1]))
-    ys = []
-    for i in range(u.shape[2]):
-        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
-        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i].float()))
-    y = torch.stack(ys, dim=2) + u * D[:, None]
-    return y * F.silu(z.float())
+from shufflemamba.ops import ScanArgs, ScanSettings, scan_fused, selective_scan, selective_scan_torch
+from shufflemamba.ops.reference import selective_scan_reference
+from shufflemamba.ops.scan_torch import chunk_len
 
 
 def _scan_inputs(b, d, length, n, seed=0):
@@ -68,20 +51,20 @@ def _fwd_bwd(fn, inputs):
 
 def bench_scan(batch: int, repeats: int) -> dict:
     inputs = _scan_inputs(batch, 384, 197, 16)
-    _, y_ref, g_ref = _fwd_bwd(selective_scan_classic, inputs)
-    classic = [_fwd_bwd(selective_scan_classic, inputs)[0] for _ in range(max(1, repeats // 2))]
+    _, y_ref, g_ref = _fwd_bwd(selective_scan_reference, inputs)
+    reference = [_fwd_bwd(selective_scan_reference, inputs)[0] for _ in range(max(1, repeats // 2))]
     _fwd_bwd(selective_scan_torch, inputs)
     ours_runs = [_fwd_bwd(selective_scan_torch, inputs) for _ in range(repeats)]
     _, y, g = ours_runs[-1]
     max_err = max(
         [(y - y_ref).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(g, g_ref, strict=True)]
     )
-    t_classic, t_ours = statistics.median(classic), statistics.median(r[0] for r in ours_runs)
+    t_reference, t_ours = statistics.median(reference), statistics.median(r[0] for r in ours_runs)
     return {
         "shape_BLEN": [batch, 197, 384, 16],
-        "classic_ms": 1e3 * t_classic,
+        "reference_ms": 1e3 * t_reference,
         "torch_path_ms": 1e3 * t_ours,
-        "speedup": t_classic / t_ours,
+        "speedup": t_reference / t_ours,
         "max_abs_diff": max_err,
     }
 
@@ -100,43 +83,36 @@ def chunk_sweep(sizes: list[int], repeats: int) -> list[dict]:
         torch.randn(b, d, length, generator=g),
         torch.randn(d, generator=g) * 0.5 - 1,
     ]
-    rows, default = [], scan_torch._CHUNK_ELEMENTS
-    try:
-        for size in sizes:
-            scan_torch._CHUNK_ELEMENTS = size
-            fwd, bwd, inf = [], [], []
-            for _ in range(repeats):
-                leaves = [t.clone().requires_grad_() for t in inputs]
-                t0 = time.perf_counter()
-                y = selective_scan_torch(*leaves, delta_softplus=True)
-                t1 = time.perf_counter()
-                y.backward(torch.ones_like(y))
-                t2 = time.perf_counter()
-                with torch.no_grad():
-                    selective_scan_torch(*inputs, delta_softplus=True)
-                t3 = time.perf_counter()
-                fwd.append(t1 - t0), bwd.append(t2 - t1), inf.append(t3 - t2)
-            rows.append(
-                {
-                    "chunk_elements": size,
-                    "T": scan_torch._chunk_len(b, d, n, length),
-                    "fwd_ms": 1e3 * min(fwd),
-                    "bwd_ms": 1e3 * min(bwd),
-                    "nograd_fwd_ms": 1e3 * min(inf),
-                }
-            )
-    finally:
-        scan_torch._CHUNK_ELEMENTS = default
+    rows = []
+    for size in sizes:
+        settings = ScanSettings.resolve("torch", chunk_elements=size)
+
+        def scan(*tensors, settings=settings):
+            args = ScanArgs.from_channel_first(*tensors, delta_softplus=True)
+            return ScanArgs.to_channel_first(selective_scan(args, settings))
+
+        fwd, bwd, inf = [], [], []
+        for _ in range(repeats):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            t0 = time.perf_counter()
+            y = scan(*leaves)
+            t1 = time.perf_counter()
+            y.backward(torch.ones_like(y))
+            t2 = time.perf_counter()
+            with torch.no_grad():
+                scan(*inputs)
+            t3 = time.perf_counter()
+            fwd.append(t1 - t0), bwd.append(t2 - t1), inf.append(t3 - t2)
+        rows.append(
+            {
+                "chunk_elements": size,
+                "T": chunk_len(b, d, n, length, size),
+                "fwd_ms": 1e3 * min(fwd),
+                "bwd_ms": 1e3 * min(bwd),
+                "nograd_fwd_ms": 1e3 * min(inf),
+            }
+        )
     return rows
-
-
-def _chunk_eager(dt, dtu, A, Bm, Cm, h):
-    """Discretise + recur + contract T steps; written so Inductor can fuse it into one loop."""
-    ys = []
-    for t in range(dt.shape[0]):
-        h = torch.exp(dt[t].unsqueeze(-2) * A) * h + dtu[t].unsqueeze(-2) * Bm[t].unsqueeze(-1)
-        ys.append((h * Cm[t].unsqueeze(-1)).sum(-2))
-    return torch.stack(ys), h
 
 
 def inductor_chunk(repeats: int, T: int = 8) -> dict:
@@ -146,6 +122,7 @@ def inductor_chunk(repeats: int, T: int = 8) -> dict:
     dt = torch.rand(length, b, groups, dg, generator=g) * 0.1
     dtu = torch.randn(length, b, groups, dg, generator=g)
     A = -torch.rand(groups, n, dg, generator=g) * 4
+    chunk_eager = scan_fused.chunk_forward  # the shipped chunk (discretise + recur + contract)
     Bm, Cm = torch.randn(length, b, groups, n, generator=g), torch.randn(length, b, groups, n, generator=g)
 
     def run(fn):
@@ -155,16 +132,16 @@ def inductor_chunk(repeats: int, T: int = 8) -> dict:
             ys.append(y)
         return torch.cat(ys)
 
-    compiled = torch.compile(_chunk_eager, dynamic=False)
+    compiled = torch.compile(chunk_eager, dynamic=False)
     with torch.no_grad():
         t0 = time.perf_counter()
         ref = run(compiled)
         compile_s = time.perf_counter() - t0
         times = {}
-        for name, fn in (("inductor", compiled), ("eager", _chunk_eager)):
+        for name, fn in (("inductor", compiled), ("eager", chunk_eager)):
             run(fn)
             times[name] = min(_timed(lambda fn=fn: run(fn)) for _ in range(repeats))
-        err = (run(_chunk_eager) - ref).abs().max().item()
+        err = (run(chunk_eager) - ref).abs().max().item()
     return {
         "T": T,
         "first_call_s": compile_s,

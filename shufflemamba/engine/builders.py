@@ -5,6 +5,7 @@ a step or touches a checkpoint.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_l
 from ..data.samplers import ResumableTrainSampler
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..errors import UserError
-from ..ops import cuda_kernels_available
+from ..ops import CudaKernelsUnavailable, TritonUnavailable, cuda_kernels_available, describe_scan
 from .distributed import DistInfo, barrier
 
+log = logging.getLogger(__name__)
 LR_REFERENCE_BATCH = 512  # lr = base_lr x global batch / 512 (DeiT's linear scaling rule)
 
 
@@ -45,7 +47,14 @@ def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
         raise UserError(f"unknown model {name!r}: not a timm model name (configured families: conf/model/*.yaml)")
     if device.type == "cuda":
         cuda_kernels_available()  # import the kernels now: a compiled model then sees a constant
-    return timm.create_model(name, **kwargs).to(device)
+    model = timm.create_model(name, **kwargs).to(device)
+    try:  # the scan backend this model runs on this device, decided now: a missing kernel fails here
+        scan = describe_scan(model, device)
+    except (CudaKernelsUnavailable, TritonUnavailable) as exc:
+        raise UserError(str(exc)) from None
+    if scan:
+        log.info("%s: %s", name, scan)
+    return model
 
 
 def resolve_accumulation(trainer_cfg: DictConfig, micro_batch: int, world_size: int) -> int:

@@ -30,6 +30,7 @@ from ..checkpoint import TrainingState, load_for_finetune
 from ..config import to_plain, validate
 from ..data.loader import release_workers
 from ..errors import CheckpointError, NonFiniteLossError, StopRequested, UserError
+from ..ops import describe_scan
 from ..rng import capture_rng, keyed_rng, restore_rng, seed_all
 from . import distributed as D
 from .builders import (
@@ -413,6 +414,7 @@ class Trainer:
                 "lr": self.lr,
                 "params": n_params,
                 "updates_per_epoch": self.data.updates_per_epoch,
+                "scan": describe_scan(self.model, self.dist.device),
             }
         )
 

@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import causal_conv1d, resolve_backend, selective_scan
+from ..ops import ScanArgs, ScanSettings, causal_conv1d, selective_scan
 from .pretrained_cfg import imagenet_cfg
 from .shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
 from .ssm_init import init_dt_projection_, s4d_real_log_a
@@ -39,6 +39,13 @@ class BiMambaMixer(nn.Module):
     """Bidirectional Mamba mixer: shared in/out projections, separate per-direction SSMs.
 
     out = out_proj((S_f(x) + flip(S_b(flip(x)))) / 2), each S gated by silu(z).
+
+    ``fused_directions`` (default) computes both directions in one conv and one scan call; how
+    depends on the backend (``scan_backend``: a name, None for the default, or a resolved
+    :class:`~shufflemamba.ops.ScanSettings`): on ``triton`` the reversed direction is read by
+    index (anti-causal conv, reversed scan order, the mean written by the kernel: no flipped
+    copies); elsewhere both sequences are stacked along channels (the reversed one flipped) and
+    the scan reads grouped B/C. ``fused_directions=False`` keeps the official two-call structure.
     """
 
     def __init__(
@@ -52,7 +59,7 @@ class BiMambaMixer(nn.Module):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         fused_directions: bool = True,
-        scan_backend: str = "auto",
+        scan_backend: str | ScanSettings | None = None,
     ) -> None:
         super().__init__()
         self.d_model = d_model
@@ -60,7 +67,7 @@ class BiMambaMixer(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.fused_directions = fused_directions
-        self.scan_backend = scan_backend
+        self.scan_settings = ScanSettings.of(scan_backend)
         inner = self.d_inner
 
         self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
@@ -91,67 +98,115 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden (B, L, D) -> (B, L, D)."""
         xz = self.in_proj(hidden)  # (B, L, 2E)
-        if self.fused_directions:
-            y_f, y_b = self._both_directions_fused(xz).transpose(1, 2).chunk(2, dim=-1)  # (B, L, E) each
-            return self.out_proj((y_f + y_b.flip(1)) / 2)
-        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        y_f, y_b = self._both_directions(x, z)
-        return self.out_proj((y_f + y_b.flip(-1)).transpose(1, 2) / 2)
+        if not self.fused_directions:
+            return self.out_proj(self._official(xz))
+        backend = self.scan_settings.backend_for(xz)
+        if backend == "triton":
+            return self.out_proj(self._directions_by_index(xz))
+        return self.out_proj(self._stacked(xz, channel_first=backend == "cuda"))
 
-    def _both_directions(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """The official structure: one conv + one scan per direction."""
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self._direction(
-            x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+    # ---- the per-direction parameters, both directions stacked --------------------------------
+    def _ssm_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A (2, E, N), D (2, E), dt bias (2, E) in fp32, forward direction first."""
+        A = -torch.exp(torch.stack([self.A_log, self.A_b_log]).float())
+        return A, torch.stack([self.D, self.D_b]).float(), torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float()
+
+    def _conv_parameters(self) -> tuple[Tensor, Tensor]:
+        """conv weights (2, E, W) and biases (2, E), forward direction first."""
+        return (
+            torch.stack([self.conv1d.weight, self.conv1d_b.weight]).squeeze(2),
+            torch.stack([self.conv1d.bias, self.conv1d_b.bias]),
         )
-        return y_f, y_b
 
-    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D) -> Tensor:
-        u = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, "silu", backend=self.scan_backend)
-        x_dbl = torch.matmul(x_proj.weight, u)  # (B, R + 2N, L)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(dt_proj.weight, dt)  # (B, E, L)
-        A = -torch.exp(A_log.float())
-        return selective_scan(u, delta, A, B, C, D.float(), z, dt_proj.bias.float(), True, backend=self.scan_backend)
+    # ---- the three layouts ------------------------------------------------------------------------
+    def _official(self, xz: Tensor) -> Tensor:
+        """The official structure: one conv + one scan per direction, the reversed one on flipped copies."""
+        x, z = xz.chunk(2, dim=-1)  # (B, L, E) each
+        channel_first = self.scan_settings.backend_for(xz) == "cuda"
+        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, channel_first)
+        y_b = self._direction(
+            x.flip(1), z.flip(1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, channel_first
+        )
+        return (y_f + y_b.flip(1)) / 2
 
-    def _both_directions_fused(self, xz: Tensor) -> Tensor:
-        """Both directions in one conv and one scan call: sequences stacked along channels,
-        B/C grouped per direction (channel c reads group c // E). xz (B, L, 2E) -> y (B, 2E, L).
+    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, channel_first: bool) -> Tensor:
+        """One direction in its scan order: x, z (B, L, E) -> y (B, L, E)."""
+        weight = conv.weight.transpose(0, 1)  # (1, E, W)
+        u = causal_conv1d(x, weight, conv.bias[None], "silu", settings=self.scan_settings)[:, :, 0]
+        x_dbl = _linear(u, x_proj.weight, channel_first)  # (B, L, R + 2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = _linear(dt, dt_proj.weight, channel_first)  # (B, L, E)
+        args = ScanArgs(
+            u[:, :, None], delta[:, :, None], -torch.exp(A_log.float())[None], B[:, :, None], C[:, :, None],
+            D.float()[None], z[:, :, None], dt_proj.bias.float()[None], delta_softplus=True,
+        )  # fmt: skip
+        return selective_scan(args, self.scan_settings)[:, :, 0]
+
+    def _stacked(self, xz: Tensor, channel_first: bool) -> Tensor:
+        """Both directions in one conv and one scan: the sequences stacked along channels (the
+        reversed one flipped), B/C grouped per direction. xz (B, L, 2E) -> y (B, L, E).
 
         On the torch backend every tensor stays token-major, (B, L, channels) in memory, from
         in_proj to out_proj: on CPU an element-wise transpose to channel-first costs more than the
-        conv it feeds (docs/benchmarks.md). The CUDA kernels get channel-first contiguous tensors."""
+        conv it feeds (docs/benchmarks.md). mamba-ssm's kernels get channel-first tensors."""
         batch, length, _ = xz.shape
         inner, rank, d_state = self.d_inner, self.dt_rank, self.d_state
-        token_major = resolve_backend(self.scan_backend, xz) == "torch"
         x, z = xz.chunk(2, dim=-1)
-        if token_major:  # (B, 2E, L), stored (B, L, 2E)
-            xs = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)
-            zs = torch.cat([z, z.flip(1)], dim=-1).transpose(1, 2)
-        else:  # (B, 2E, L) contiguous, written by cat in one pass
+        if channel_first:  # (B, 2E, L) contiguous, written by cat in one pass, then seen as (B, L, 2E)
             x, z = x.transpose(1, 2), z.transpose(1, 2)
-            xs, zs = torch.cat([x, x.flip(-1)], dim=1), torch.cat([z, z.flip(-1)], dim=1)
-        conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1)
-        conv_b = torch.cat([self.conv1d.bias, self.conv1d_b.bias])
-        u = causal_conv1d(xs, conv_w, conv_b, "silu", backend=self.scan_backend)  # (B, 2E, L), xs's layout
-        if token_major:
-            # Per-direction projections as one linear with block-diagonal weights (zeros add exactly).
-            x_w = torch.block_diag(self.x_proj.weight, self.x_proj_b.weight)  # (2(R + 2N), 2E)
-            x_dbl = F.linear(u.transpose(1, 2), x_w).view(batch, length, 2, -1)  # (B, L, 2, R + 2N)
-            dt, B, C = x_dbl.split([rank, d_state, d_state], dim=-1)
-            dt_w = torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight)  # (2E, 2R)
-            delta = F.linear(dt.reshape(batch, length, 2 * rank), dt_w).transpose(1, 2)  # (B, 2E, L)
-            B, C = B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1)  # (B, 2, N, L)
-        else:
+            xs = torch.cat([x, x.flip(-1)], dim=1).transpose(1, 2)
+            zs = torch.cat([z, z.flip(-1)], dim=1).transpose(1, 2)
+        else:  # (B, L, 2E) contiguous
+            xs, zs = torch.cat([x, x.flip(1)], dim=-1), torch.cat([z, z.flip(1)], dim=-1)
+        conv_w, conv_b = self._conv_parameters()
+        u = causal_conv1d(xs, conv_w.reshape(1, 2 * inner, -1), conv_b.reshape(1, -1), "silu",
+                          settings=self.scan_settings)[:, :, 0]  # (B, L, 2E), stored as xs  # fmt: skip
+        if channel_first:
             x_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R + 2N, E)
-            x_dbl = torch.matmul(x_w, u.view(batch, 2, inner, length))  # (B, 2, R + 2N, L)
+            x_dbl = torch.matmul(x_w, u.transpose(1, 2).reshape(batch, 2, inner, length))  # (B, 2, R + 2N, L)
             dt, B, C = x_dbl.split([rank, d_state, d_state], dim=2)
             dt_w = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])  # (2, E, R)
-            delta = torch.matmul(dt_w, dt).view(batch, 2 * inner, length)
-        A = -torch.exp(torch.cat([self.A_log, self.A_b_log]).float())
-        D = torch.cat([self.D, self.D_b]).float()
-        dt_bias = torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float()
-        return selective_scan(u, delta, A, B, C, D, zs, dt_bias, True, backend=self.scan_backend)
+            delta = torch.matmul(dt_w, dt).permute(0, 3, 1, 2)  # (B, L, 2, E), channel-first in memory
+            B, C = B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2)  # (B, L, 2, N)
+        else:
+            # Per-direction projections as one linear with block-diagonal weights (zeros add exactly).
+            x_w = torch.block_diag(self.x_proj.weight, self.x_proj_b.weight)  # (2(R + 2N), 2E)
+            x_dbl = F.linear(u, x_w).view(batch, length, 2, -1)  # (B, L, 2, R + 2N)
+            dt, B, C = x_dbl.split([rank, d_state, d_state], dim=-1)
+            dt_w = torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight)  # (2E, 2R)
+            delta = F.linear(dt.reshape(batch, length, 2 * rank), dt_w).view(batch, length, 2, inner)
+        A, D, dt_bias = self._ssm_parameters()
+        two = (batch, length, 2, inner)
+        y = selective_scan(ScanArgs(u.view(two), delta, A, B, C, D, zs.view(two), dt_bias, True), self.scan_settings)
+        return (y[:, :, 0] + y[:, :, 1].flip(1)) / 2
+
+    def _directions_by_index(self, xz: Tensor) -> Tensor:
+        """Both directions in one conv and one scan launch with nothing flipped: the reversed
+        direction's conv is anti-causal and its scan walks the tokens backwards; the kernel writes
+        (y_f + y_b) / 2 in token order. xz (B, L, 2E) -> y (B, L, E)."""
+        batch, length, _ = xz.shape
+        inner, rank, d_state = self.d_inner, self.dt_rank, self.d_state
+        x, z = xz.chunk(2, dim=-1)  # views of in_proj's output, read in place
+        conv_w, conv_b = self._conv_parameters()
+        u = causal_conv1d(x, conv_w, conv_b, "silu", BIDIRECTIONAL, self.scan_settings)  # (B, L, 2, E)
+        x_w = torch.block_diag(self.x_proj.weight, self.x_proj_b.weight)  # (2(R + 2N), 2E)
+        x_dbl = F.linear(u.view(batch, length, 2 * inner), x_w).view(batch, length, 2, -1)
+        dt, B, C = x_dbl.split([rank, d_state, d_state], dim=-1)  # (B, L, 2, .) views
+        dt_w = torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight)  # (2E, 2R)
+        delta = F.linear(dt.reshape(batch, length, 2 * rank), dt_w).view(batch, length, 2, inner)
+        A, D, dt_bias = self._ssm_parameters()
+        args = ScanArgs(u, delta, A, B, C, D, z.unsqueeze(2), dt_bias, True, directions=BIDIRECTIONAL, combine="mean")
+        return selective_scan(args, self.scan_settings)
+
+
+BIDIRECTIONAL = ("forward", "reverse")
+
+
+def _linear(x: Tensor, weight: Tensor, channel_first: bool) -> Tensor:
+    """x (B, L, in) @ weight.T -> (B, L, out); channel-first in memory when asked (mamba-ssm's layout)."""
+    if channel_first:
+        return torch.matmul(weight, x.transpose(1, 2)).transpose(1, 2)
+    return F.linear(x, weight)
 
 
 class MambaBlock(nn.Module):
@@ -281,7 +336,7 @@ class VisionMamba(nn.Module):
         shuffle_per_sample: bool = False,
         cls_position: ClsPosition = "middle",
         fused_directions: bool = True,
-        scan_backend: str = "auto",
+        scan_backend: str | ScanSettings | None = None,
         dynamic_img_size: bool = False,
     ) -> None:
         super().__init__()
@@ -305,6 +360,7 @@ class VisionMamba(nn.Module):
 
         # Vim's schedule: linspace(0, rate, depth) shifted by one; the final add uses the full rate.
         dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        scan_settings = ScanSettings.of(scan_backend)  # resolved once: every block runs the same way
         self.layers = nn.ModuleList(
             [
                 MambaBlock(
@@ -316,7 +372,7 @@ class VisionMamba(nn.Module):
                     d_conv=d_conv,
                     expand=expand,
                     fused_directions=fused_directions,
-                    scan_backend=scan_backend,
+                    scan_backend=scan_settings,
                 )
                 for i in range(depth)
             ]

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import Permute
 
-from ..ops import selective_scan
+from ..ops import ScanArgs, ScanSettings, selective_scan
 from ..ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
 from .pretrained_cfg import imagenet_cfg
 from .ssm_init import init_dt_projection_, s4d_real_log_a
@@ -52,13 +53,13 @@ class SS2D(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
-        scan_backend: str = "auto",
+        scan_backend: str | ScanSettings | None = None,
     ) -> None:
         super().__init__()
         self.d_state = d_state
         self.d_inner = inner = int(ssm_ratio * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.scan_backend = scan_backend
+        self.scan_settings = ScanSettings.of(scan_backend)
         k = NUM_DIRECTIONS
 
         self.in_proj = nn.Linear(d_model, inner, bias=False)
@@ -87,31 +88,59 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, _ = x.shape
         x = self.act(self.conv2d(self.in_proj(x).permute(0, 3, 1, 2)))  # (B, E, H, W)
-        y = self.scan_2d(x)  # (B, E, L)
-        y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, self.d_inner))
+        by_index = self.scan_settings.backend_for(x) == "triton"
+        y = self.scan_by_index(x) if by_index else self.scan_2d(x).transpose(1, 2)  # (B, L, E) row-major
+        y = self.out_norm(y.reshape(batch, height, width, self.d_inner))
         return self.out_proj(y)
 
+    def _ssm_parameters(self) -> tuple[Tensor, Tensor]:
+        """A and D per direction: (K * E, N) and (K * E,); fp32 for fp32 models (the scan computes in fp32)."""
+        return -torch.exp(self.A_logs), self.Ds
+
     def scan_2d(self, x: Tensor) -> Tensor:
-        """(B, E, H, W) -> (B, E, H * W) row-major: the four directional scans, merged."""
+        """(B, E, H, W) -> (B, E, H * W) row-major: the four directional scans, merged. The four
+        sequences are materialised (cross-scan) and stacked along channels, B/C grouped per direction."""
         batch, inner, height, width = x.shape
         length, k, n = height * width, NUM_DIRECTIONS, self.d_state
         xs = cross_scan(x)  # (B, K, E, L)
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts, Bs, Cs = x_dbl.split([self.dt_rank, n, n], dim=2)
         delta = torch.matmul(self.dt_projs_weight, dts)  # (B, K, E, L)
-        ys = selective_scan(
+        A, D = self._ssm_parameters()
+        args = ScanArgs.from_channel_first(
             xs.reshape(batch, k * inner, length),
             delta.reshape(batch, k * inner, length),
-            -torch.exp(self.A_logs),  # the scan runs A / D / dt bias in fp32 (fp64 models: fp64)
+            A,  # the scan runs A / D / dt bias in fp32 (fp64 models: fp64)
             Bs.contiguous(),  # grouped: channel c of the stack reads direction c // E
             Cs.contiguous(),
-            self.Ds,
+            D,
             None,
             self.dt_projs_bias.reshape(-1),
             True,
-            backend=self.scan_backend,
         )
+        ys = ScanArgs.to_channel_first(selective_scan(args, self.scan_settings))  # (B, K * E, L)
         return cross_merge(ys.view(batch, k, inner, length), height, width)
+
+    def scan_by_index(self, x: Tensor) -> Tensor:
+        """(B, E, H, W) -> (B, H * W, E): the same four scans with nothing materialised: every
+        direction reads the row-major tokens in its own order (row / column-major, reversed), one
+        kernel launch writes their sum."""
+        batch, inner, height, width = x.shape
+        length, k, n = height * width, NUM_DIRECTIONS, self.d_state
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, length, inner)  # a view when x is channels-last
+        x_dbl = F.linear(tokens, self.x_proj_weight.reshape(-1, inner)).view(batch, length, k, -1)
+        dts, Bs, Cs = x_dbl.split([self.dt_rank, n, n], dim=-1)  # (B, L, K, .)
+        delta = torch.einsum("blkr,ker->blke", dts, self.dt_projs_weight)  # (B, L, K, E)
+        A, D = self._ssm_parameters()
+        args = ScanArgs(
+            tokens.unsqueeze(2), delta, A.view(k, inner, n), Bs, Cs, D.view(k, inner), None,
+            self.dt_projs_bias, True, directions=CROSS_SCAN_ORDERS, grid=(height, width), combine="sum",
+        )  # fmt: skip
+        return selective_scan(args, self.scan_settings)
+
+
+# VMamba's four scans, in cross_scan's order: row-major, column-major, and both reversed.
+CROSS_SCAN_ORDERS = ("forward", "columns", "reverse", "columns_reverse")
 
 
 class VSSBlock(nn.Module):
@@ -201,7 +230,7 @@ class VMamba(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
         norm_eps: float = 1e-5,
-        scan_backend: str = "auto",
+        scan_backend: str | ScanSettings | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -220,7 +249,7 @@ class VMamba(nn.Module):
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace(0, rate, total)
         ssm_kwargs = dict(
             d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias,
-            scan_backend=scan_backend,
+            scan_backend=ScanSettings.of(scan_backend),  # resolved once for every block
         )  # fmt: skip
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):

@@ -1,112 +1,71 @@
-"""The selective-scan and causal-conv entry points used by the mixer, and their backends.
+"""The selective-scan and causal-conv entry points used by the mixers, and their backends.
 
-Backends share mamba-ssm's signatures:
+One argument bundle, :class:`ScanArgs` (logical token-major shapes, directions as token orders,
+an optional combine of the directions), and one settings object, :class:`ScanSettings`
+(resolved once when a model is built: which backend, and its knobs), go through every layer.
+Backends:
 
-- ``cuda``: mamba-ssm's selective-scan kernels (as the ``shufflemamba::selective_scan_cuda``
-  custom op) and causal-conv1d's ``causal_conv1d_fn`` (custom ops of its own);
-- ``torch``: :mod:`shufflemamba.ops.scan_torch`, chunked pure PyTorch, fast on CPU (as the
-  ``shufflemamba::selective_scan_torch`` custom ops);
-- ``reference``: :mod:`shufflemamba.ops.reference`, a plain loop, the ground truth.
+- ``triton``: our kernels (:mod:`.triton_kernels`, as custom ops in :mod:`.triton_ops`): every
+  direction read by index, all directions in one launch, the combined output written once;
+  CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests);
+- ``cuda``: mamba-ssm's selective-scan kernels and causal-conv1d's conv (:mod:`.cuda`);
+- ``torch``: :mod:`.scan_torch`, chunked pure PyTorch, fast on CPU (custom ops in :mod:`.torch_ops`);
+- ``reference``: :mod:`.reference`, a plain loop, the ground truth.
 
-The custom ops (:mod:`.custom_ops`) make every scan one opaque op for autograd and
-``torch.compile``: a model compiles whole, without tracing the recurrence.
-
-``auto`` (the default) takes ``cuda`` for CUDA tensors when the kernels import and
-``torch`` otherwise. Override per model (``scan_backend=``), per process with the
-environment variable ``SHUFFLEMAMBA_SCAN_BACKEND``, or temporarily with
-:func:`use_backend`.
+Every scan is one opaque custom op for autograd and ``torch.compile``: a model compiles whole
+without tracing a recurrence. Backends without native direction support (torch, cuda) get each
+direction's tokens gathered into scan order first and the outputs put back (:meth:`ScanArgs.in_scan_order`);
+the mixers avoid that on those backends by laying the directions out themselves.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-
+import torch
 from torch import Tensor
 
-from .conv_torch import causal_conv1d_torch, is_token_major
-from .cuda import CudaKernelsUnavailable, cuda_kernels_available, require_cuda_kernels
-from .custom_ops import selective_scan_cuda_op, selective_scan_torch, selective_scan_torch_op
-from .reference import causal_conv1d_reference, selective_scan_reference
-
-BACKENDS = ("auto", "cuda", "torch", "reference")
-_ENV = "SHUFFLEMAMBA_SCAN_BACKEND"
-_override: str | None = None
+from .args import COMBINES, DIRECTIONS, ScanArgs, token_order
+from .conv_torch import causal_conv1d_torch
+from .cuda import CudaKernelsUnavailable, causal_conv1d_cuda, cuda_kernels_available, scan_cuda_op
+from .reference import conv1d_reference, scan_reference, selective_scan_reference
+from .settings import BACKENDS, ScanSettings, TritonConfig, describe_scan, scan_settings_of, set_scan_backend
+from .torch_ops import scan_torch_op, selective_scan_torch
+from .triton_ops import TritonUnavailable, conv1d_triton, selective_scan_triton, triton_available
 
 __all__ = [
     "BACKENDS",
+    "COMBINES",
+    "DIRECTIONS",
     "CudaKernelsUnavailable",
+    "ScanArgs",
+    "ScanSettings",
+    "TritonConfig",
+    "TritonUnavailable",
     "causal_conv1d",
     "cuda_kernels_available",
-    "is_token_major",
-    "resolve_backend",
+    "describe_scan",
+    "scan_settings_of",
     "selective_scan",
+    "selective_scan_reference",
     "selective_scan_torch",
-    "use_backend",
+    "set_scan_backend",
+    "token_order",
+    "triton_available",
 ]
 
 
-def _check(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown scan backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Force a backend for every mixer inside the block (tests, benchmarks)."""
-    global _override
-    previous, _override = _override, _check(name)
-    try:
-        yield
-    finally:
-        _override = previous
-
-
-def resolve_backend(requested: str, x: Tensor) -> str:
-    """Pick the concrete backend for tensor ``x``: context override > env > requested > auto."""
-    name = _override or os.environ.get(_ENV) or requested
-    name = _check(name)
-    if name == "auto":
-        return "cuda" if x.is_cuda and cuda_kernels_available() else "torch"
-    if name == "cuda":
-        require_cuda_kernels(x)
-    return name
-
-
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    backend: str = "auto",
-) -> Tensor:
-    """y = selective scan of u (b, dim, L); B, C (b, N, L) or grouped (b, G, N, L)."""
-    name = resolve_backend(backend, u)
-    if name == "cuda":
-        require_cuda_kernels(u)
-        # The kernel does no autocast handling: u, delta, B, C, z share one dtype; A, D, bias are fp32.
-        dtype = u.dtype
-        return selective_scan_cuda_op(
-            u,
-            delta.to(dtype),
-            A.float(),
-            B.to(dtype),
-            C.to(dtype),
-            None if D is None else D.float(),
-            None if z is None else z.to(dtype),
-            None if delta_bias is None else delta_bias.float(),
-            delta_softplus,
-        )
-    if name == "torch":
-        return selective_scan_torch_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+def selective_scan(args: ScanArgs, settings: ScanSettings | str | None = None) -> Tensor:
+    """The scan of ``args`` on the backend ``settings`` names for its tensors' device; the result
+    is shaped as :meth:`ScanArgs.output_shape`. Unsupported inputs fail here with one clear message."""
+    settings = ScanSettings.of(settings)
+    args.check()
+    backend = settings.backend_for(args.u)
+    if backend == "triton":
+        return selective_scan_triton(args, settings.triton)
+    if backend == "reference":
+        return scan_reference(args)
+    flat = args.in_scan_order()
+    out = scan_torch_op(flat, settings) if backend == "torch" else scan_cuda_op(flat)
+    return args.from_scan_order(out)
 
 
 def causal_conv1d(
@@ -114,14 +73,32 @@ def causal_conv1d(
     weight: Tensor,
     bias: Tensor | None = None,
     activation: str | None = None,
-    backend: str = "auto",
+    directions: tuple[str, ...] | None = None,
+    settings: ScanSettings | str | None = None,
 ) -> Tensor:
-    """Depthwise causal conv over the last axis: x (b, dim, L), weight (dim, width); the result
-    keeps x's layout (channel-first or token-major) on the cuda and torch backends."""
-    name = resolve_backend(backend, x)
-    if name == "cuda":
-        _, conv = require_cuda_kernels(x)
-        return conv(x, weight, bias, activation=activation)
-    if name == "torch":
-        return causal_conv1d_torch(x, weight, bias, activation)
-    return causal_conv1d_reference(x, weight, bias, activation)
+    """Depthwise conv of a logical (batch, L, C) x, one per direction: weight (K, C, W), bias (K, C)
+    -> (batch, L, K, C). Direction k is causal in its scan order: ``forward`` reads the W - 1
+    tokens before t, ``reverse`` the W - 1 after (the causal conv of the reversed sequence)."""
+    settings = ScanSettings.of(settings)
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != x.shape[2]:
+        raise ValueError(f"conv: x must be (batch, L, C) and weight (K, C, W), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    directions = directions or ("forward",) * weight.shape[0]
+    if len(directions) != weight.shape[0] or any(d not in ("forward", "reverse") for d in directions):
+        raise ValueError(
+            f"conv: one direction, forward or reverse, per weight; got {directions} for K = {weight.shape[0]}"
+        )
+    backend = settings.backend_for(x)
+    if backend == "triton":
+        return conv1d_triton(x, weight, bias, directions, activation is not None, settings.triton)
+    if backend == "reference":
+        return conv1d_reference(x, weight, bias, activation, directions)
+    conv = causal_conv1d_torch if backend == "torch" else causal_conv1d_cuda
+    outs = []
+    for k, direction in enumerate(directions):
+        seq = x.flip(1) if direction == "reverse" else x
+        out = conv(seq, weight[k], None if bias is None else bias[k], activation)
+        outs.append(out.flip(1) if direction == "reverse" else out)
+    return outs[0].unsqueeze(2) if len(outs) == 1 else torch.stack(outs, dim=2)

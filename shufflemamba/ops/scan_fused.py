@@ -8,15 +8,15 @@ over (L, b, 2E, N) dominate the eager scan).
 
 Compiled once per piece shape (a chunk is cut into pieces of at most ``MAX_PIECE_STEPS`` steps) and
 cached (Inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR``, serves later processes). Used for
-large scans with a real state only (``SHUFFLEMAMBA_SCAN_FUSED``: ``auto`` from 4M state elements
-per call and d_state >= 8, ``1`` always, ``0`` never), so small shapes never pay a compile; if
-compiling fails (no C++ compiler), the eager chunk is used from then on, with one warning.
+large scans with a real state only (``ScanSettings.fused``, default ``$SHUFFLEMAMBA_SCAN_FUSED``:
+``auto`` from 4M state elements per call and d_state >= 8, ``1`` always, ``0`` never), so small
+shapes never pay a compile; if compiling fails (no C++ compiler), the eager chunk is used from
+then on, with one warning.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import types
 
 import torch
@@ -30,11 +30,9 @@ MAX_PIECE_STEPS = 16  # the compiled loop is unrolled: its compile time grows wi
 _state = {"broken": False}
 
 
-def enabled(batch: int, dim: int, d_state: int, length: int, device: torch.device) -> bool:
-    """Whether this scan call goes through the compiled chunks (CPU only; see module doc)."""
-    mode = os.environ.get("SHUFFLEMAMBA_SCAN_FUSED", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"SHUFFLEMAMBA_SCAN_FUSED={mode!r}: use auto, 0 or 1")
+def enabled(mode: str, batch: int, dim: int, d_state: int, length: int, device: torch.device) -> bool:
+    """Whether a scan call in ``mode`` (auto | 0 | 1) goes through the compiled chunks (CPU only; see
+    module doc)."""
     if mode == "0" or _state["broken"] or device.type != "cpu" or torch.compiler.is_compiling():
         return False
     return mode == "1" or (d_state >= AUTO_MIN_STATE and batch * dim * d_state * length >= AUTO_MIN_ELEMENTS)
@@ -52,8 +50,8 @@ def pieces(start: int, end: int) -> list[tuple[int, int]]:
 def chunk_forward(dt: Tensor, dtu: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     """T steps from state h: y_t = C_t . h_t, h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t.
 
-    dt, dtu: (T, b, G, dg); A: (G, N, dg); Bm, Cm: (T, b, G, N); h: (b, G, N, dg) ->
-    ys (T, b, G, dg), the last state."""
+    dt, dtu: (T, b, K, E); A: (K, N, E); Bm, Cm: (T, b, K, N); h: (b, K, N, E) ->
+    ys (T, b, K, E), the last state."""
     ys = []
     for t in range(dt.shape[0]):
         h = torch.exp(dt[t].unsqueeze(-2) * A) * h + dtu[t].unsqueeze(-2) * Bm[t].unsqueeze(-1)

@@ -10,26 +10,26 @@ does) instead of keeping every state alive: memory is O(length / T) states, not
 O(length). Inference skips the saved states altogether. State is accumulated in
 float32 whatever the input dtype (float64 stays float64, for gradcheck-grade tests).
 
-Internal layout: time-major, the state as (batch, G, N, dim // G) with the channel axis
-innermost, so that y_t = C_t @ H_t is a row-vector matmul (the fast case for CPU BLAS).
+Inputs are the logical (batch, L, K, E) tensors of :class:`~shufflemamba.ops.args.ScanArgs`,
+all directions forward (the entry point gathers other orders first); results and gradients are
+contiguous in those shapes. Internal layout: time-major, the state as (batch, K, N, E) with the
+channel axis innermost, so that y_t = C_t @ H_t is a row-vector matmul (the fast case for CPU BLAS).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import scan_fused
-
-# Elements of one chunk's (T, batch, N, dim) slab; tuned with scripts/benchmark_scan.py.
-_CHUNK_ELEMENTS = int(os.environ.get("SHUFFLEMAMBA_SCAN_CHUNK_ELEMENTS", 1 << 20))
+from .args import ScanArgs
 
 
-def _chunk_len(batch: int, dim: int, d_state: int, length: int) -> int:
-    return max(1, min(length, _CHUNK_ELEMENTS // max(1, batch * dim * d_state)))
+def chunk_len(batch: int, dim: int, d_state: int, length: int, chunk_elements: int) -> int:
+    """Time steps per chunk: a chunk's (T, batch, N, dim) slab holds about ``chunk_elements``
+    (``ScanSettings.chunk_elements``, tuned with ``scripts/benchmark.py scan --chunk-sweep``)."""
+    return max(1, min(length, chunk_elements // max(1, batch * dim * d_state)))
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -52,48 +52,22 @@ def softplus(x: Tensor) -> Tensor:
 
 
 def _time_major(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """(b, d, L) -> contiguous (L, b, d) in the compute dtype."""
-    return x.to(dtype).permute(2, 0, 1).contiguous()
-
-
-def token_major_empty(like: Tensor, shape: tuple[int, int, int], dtype: torch.dtype | None = None) -> Tensor:
-    """An empty (b, d, L) tensor stored token-major, as (b, L, d): the layout of every (b, d, L)
-    result and gradient of this scan (see :func:`_token_major`)."""
-    batch, dim, length = shape
-    return like.new_empty((batch, length, dim), dtype=dtype or like.dtype).transpose(1, 2)
+    """A logical (b, L, ...) tensor -> contiguous time-major (L, b, ...) in ``dtype``."""
+    return x.to(dtype).transpose(0, 1).contiguous()
 
 
 def _token_major(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Time-major (L, b, d) -> a (b, d, L) tensor stored token-major (b, L, d), in ``dtype``.
-
-    Token-major is what the mixer's linear layers produce and read, and it is reached from the
-    scan's time-major layout by moving whole rows of d values; (b, d, L)-contiguous would be an
-    element-wise transpose, which on CPU costs several times the copy (docs/benchmarks.md)."""
-    length, batch, dim = x.shape
-    out = token_major_empty(x, (batch, dim, length), dtype)
-    out.transpose(1, 2).copy_(x.transpose(0, 1))
+    """Time-major (L, b, ...) -> contiguous (b, L, ...) in ``dtype``: whole rows move, which on CPU is
+    several times cheaper than an element-wise transpose to channel-first (docs/benchmarks.md)."""
+    out = x.new_empty((x.shape[1], x.shape[0], *x.shape[2:]), dtype=dtype)
+    out.transpose(0, 1).copy_(x)
     return out
-
-
-def bc_grad_empty(like: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
-    """An empty gradient for B or C of ``shape`` (b, N, L) or (b, G, N, L), stored (b, L, [G,] N)."""
-    if len(shape) == 3:
-        return token_major_empty(like, shape, dtype)
-    batch, groups, d_state, length = shape
-    return like.new_empty((batch, length, groups, d_state), dtype=dtype or like.dtype).permute(0, 2, 3, 1)
-
-
-def _bc_time_major(mat: Tensor, dtype: torch.dtype) -> Tensor:
-    """B or C, (b, N, L) or (b, G, N, L) -> contiguous (L, b, G, N) in the compute dtype."""
-    if mat.dim() == 3:
-        mat = mat.unsqueeze(1)
-    return mat.to(dtype).permute(3, 0, 1, 2).contiguous()
 
 
 def _discretise(dt: Tensor, dtu: Tensor, A: Tensor, Bm: Tensor, dA: Tensor, H: Tensor) -> None:
     """Fill dA = exp(dt A) and H = dt u B for one chunk, in preallocated buffers.
 
-    dt, dtu: (T, b, G, dg); A: (G, N, dg); Bm: (T, b, G, N). Buffers: (T, b, G, N, dg).
+    dt, dtu: (T, b, K, E); A: (K, N, E); Bm: (T, b, K, N). Buffers: (T, b, K, N, E).
     """
     torch.mul(dt.unsqueeze(-2), A, out=dA)
     dA.exp_()
@@ -109,33 +83,29 @@ def _recur(dA: Tensor, H: Tensor, h0: Tensor | None) -> None:
 
 
 class _Prepared:
-    """Inputs converted once to the scan's time-major compute layout."""
+    """Inputs converted once to the scan's time-major compute layout (L, b, K, E)."""
 
     fused: bool
 
-    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
-        self.batch, self.dim, self.length = u.shape
-        self.d_state = A.shape[1]
-        self.cd = cd = compute_dtype(u)
-        self.ut = _time_major(u, cd)
-        dt_pre = _time_major(delta, cd)
-        if delta_bias is not None:
-            dt_pre = dt_pre + delta_bias.to(cd)
+    def __init__(self, args: ScanArgs, chunk: int, fused: bool):
+        self.batch, self.length, self.groups, self.dg = args.delta.shape
+        self.dim = self.groups * self.dg
+        self.d_state = args.d_state
+        self.cd = cd = compute_dtype(args.u)
+        self.ut = _time_major(args.u, cd)
+        dt_pre = _time_major(args.delta, cd)
+        if args.delta_bias is not None:
+            dt_pre = dt_pre + args.delta_bias.to(cd)
         self.dt_pre = dt_pre
-        self.fused = scan_fused.enabled(self.batch, self.dim, self.d_state, self.length, u.device)
-        if self.fused and delta_softplus:  # softplus and dt * u in one compiled pass instead of ~8
-            self.dt, dtu = scan_fused.prepare(dt_pre, self.ut)
+        self.fused = fused
+        if fused and args.delta_softplus:  # softplus and dt * u in one compiled pass instead of ~8
+            self.dt, self.dtu = scan_fused.prepare(dt_pre, self.ut)
         else:
-            self.dt = softplus(dt_pre) if delta_softplus else dt_pre
-            dtu = None
-        self.Bt, self.Ct = _bc_time_major(B, cd), _bc_time_major(C, cd)
-        self.groups = groups = self.Bt.shape[2]
-        self.dg = dg = self.dim // groups
-        self.A = A.to(cd).view(groups, dg, self.d_state).transpose(1, 2).contiguous()  # (G, N, dg)
-        shape4 = (self.length, self.batch, groups, dg)
-        self.dt4, self.ut4 = self.dt.view(shape4), self.ut.view(shape4)
-        self.dtu = self.dt4 * self.ut4 if dtu is None else dtu.view(shape4)
-        self.T = _chunk_len(self.batch, self.dim, self.d_state, self.length)
+            self.dt = softplus(dt_pre) if args.delta_softplus else dt_pre
+            self.dtu = self.dt * self.ut
+        self.Bt, self.Ct = _time_major(args.B, cd), _time_major(args.C, cd)
+        self.A = args.A.to(cd).transpose(1, 2).contiguous()  # (K, N, E)
+        self.T = chunk
 
     def buffer(self) -> Tensor:
         return self.ut.new_empty((self.T, self.batch, self.groups, self.d_state, self.dg))
@@ -146,7 +116,7 @@ class _Prepared:
 
 
 def _scan_forward(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Returns y_ssm (L, b, dim) without the D term, the last state (b, G, N, dg), chunk starts."""
+    """Returns y_ssm (L, b, K, E) without the D term, the last state (b, K, N, E), chunk starts."""
     if p.fused:
         return _scan_forward_fused(p, keep_starts)
     dA_buf, H_buf = p.buffer(), p.buffer()
@@ -155,13 +125,15 @@ def _scan_forward(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list
     for s, e in p.chunks():
         n = e - s
         dA, H = dA_buf[:n], H_buf[:n]
-        _discretise(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
+        _discretise(p.dt[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
         if keep_starts:
             starts.append(h)
         _recur(dA, H, h)
         torch.matmul(p.Ct[s:e].reshape(-1, 1, p.d_state), H.view(-1, p.d_state, p.dg), out=y[s:e].view(-1, 1, p.dg))
         h = H[n - 1].clone() if (keep_starts or e < p.length) else H[n - 1]
-    return y.view(p.length, p.batch, p.dim), h, starts
+    if h is None:  # an empty sequence
+        h = p.ut.new_zeros((p.batch, p.groups, p.d_state, p.dg))
+    return y, h, starts
 
 
 def _scan_forward_fused(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -172,53 +144,44 @@ def _scan_forward_fused(p: _Prepared, keep_starts: bool) -> tuple[Tensor, Tensor
         if keep_starts:
             starts.append(h if s else None)
         for a, b in scan_fused.pieces(s, e):
-            y[a:b], h = scan_fused.forward(p.dt4[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], h)
-    return y.view(p.length, p.batch, p.dim), h, starts
+            y[a:b], h = scan_fused.forward(p.dt[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], h)
+    return y, h, starts
 
 
 def _states_tensor(p: _Prepared, starts: list[Tensor | None]) -> Tensor:
-    """The chunks' starting states as one (chunks, b, G, N, dg) tensor (chunk 0 starts at zero)."""
+    """The chunks' starting states as one (chunks, b, K, N, E) tensor (chunk 0 starts at zero)."""
     zero = p.ut.new_zeros((p.batch, p.groups, p.d_state, p.dg))
     return torch.stack([zero if h is None else h for h in starts])
 
 
-def num_chunks(batch: int, dim: int, d_state: int, length: int) -> int:
+def num_chunks(length: int, chunk: int) -> int:
     """How many chunks the scan splits a sequence into (the leading size of its saved states)."""
-    return -(-length // _chunk_len(batch, dim, d_state, length))
+    return -(-length // chunk)
 
 
 def scan_forward(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-    for_backward: bool,
+    args: ScanArgs, chunk: int, fused: bool, for_backward: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-    """(out (b, d, L) in u's dtype, stored token-major; the ungated output (L, b, d), with z, for
-    backward; the chunk-start states (for backward); the last state (b, d, N)). Inputs may have
-    any strides; token-major ones are the cheapest. Nothing is kept without ``for_backward``."""
-    p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
+    """(out (b, L, K, E) in u's dtype; the ungated output (L, b, K, E), with z, for backward; the
+    chunk-start states (chunks, b, K, N, E), for backward; the last state (b, K, E, N)). Inputs may
+    have any strides; token-major ones are the cheapest. Nothing is kept without ``for_backward``."""
+    p = _Prepared(args, chunk, fused)
     y, last, starts = _scan_forward(p, keep_starts=for_backward)
-    if D is not None:
-        y.addcmul_(p.ut, D.to(p.cd))
+    if args.D is not None:
+        y.addcmul_(p.ut, args.D.to(p.cd))
     ungated = None
-    if z is not None:
-        gate = F.silu(_time_major(z, p.cd))
+    if args.z is not None:
+        gate = F.silu(_time_major(args.z, p.cd))
         if for_backward:
             ungated, y = y, y * gate
         else:
             y.mul_(gate)
     states = _states_tensor(p, starts) if for_backward else None
-    return _token_major(y, u.dtype), ungated, states, last.transpose(-1, -2).reshape(p.batch, p.dim, p.d_state)
+    return _token_major(y, args.u.dtype), ungated, states, last.transpose(-1, -2).contiguous()
 
 
 def _backward_chunks(
-    p: _Prepared, states: Tensor, gy4: Tensor, g_dt: Tensor, g_dtu: Tensor, g_A: Tensor, g_Bt: Tensor, g_Ct: Tensor
+    p: _Prepared, states: Tensor, gy: Tensor, g_dt: Tensor, g_dtu: Tensor, g_A: Tensor, g_Bt: Tensor, g_Ct: Tensor
 ) -> None:
     """The eager chunk loop of :func:`scan_backward`: fills the gradient buffers in place."""
     N, dg = p.d_state, p.dg
@@ -230,14 +193,14 @@ def _backward_chunks(
         n = e - s
         dA, H, G = dA_buf[:n], H_buf[:n], G_buf[:n]
         h0 = states[ci]
-        _discretise(p.dt4[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
+        _discretise(p.dt[s:e], p.dtu[s:e], p.A, p.Bt[s:e], dA, H)
         _recur(dA, H, h0)
         Hm = H.view(-1, N, dg)
         # dL/dC_t = H_t @ gy_t
         # (row vector @ transposed view: the fast BLAS case, unlike a matrix @ column vector)
-        torch.matmul(gy4[s:e].reshape(-1, 1, dg), Hm.transpose(1, 2), out=g_Ct[s:e].view(-1, 1, N))
+        torch.matmul(gy[s:e].reshape(-1, 1, dg), Hm.transpose(1, 2), out=g_Ct[s:e].view(-1, 1, N))
         # dL/dh_t from the output, then the reverse recurrence (in place in G)
-        torch.mul(p.Ct[s:e].unsqueeze(-1), gy4[s:e].unsqueeze(-2), out=G)
+        torch.mul(p.Ct[s:e].unsqueeze(-1), gy[s:e].unsqueeze(-2), out=G)
         if carry is not None:
             G[n - 1].add_(carry)
         for t in range(n - 2, -1, -1):
@@ -252,86 +215,70 @@ def _backward_chunks(
         dA[0].mul_(h0)
         if n > 1:
             dA[1:].mul_(H[: n - 1])
-        g_A.add_(torch.mul(dA, p.dt4[s:e].unsqueeze(-2)).sum((0, 1)))
+        g_A.add_(torch.mul(dA, p.dt[s:e].unsqueeze(-2)).sum((0, 1)))
         torch.mul(dA, p.A, out=G)
         torch.sum(G, -2, out=g_dt[s:e])
 
 
+def _backward_fused(
+    p: _Prepared, states: Tensor, gy: Tensor, g_dt: Tensor, g_dtu: Tensor, g_A: Tensor, g_Bt: Tensor, g_Ct: Tensor
+) -> None:
+    """:func:`_backward_chunks` through the Inductor-compiled pieces (:mod:`.scan_fused`)."""
+    carry = torch.zeros_like(states[0])
+    for ci, (s, e) in reversed(list(enumerate(p.chunks()))):
+        pieces = scan_fused.pieces(s, e)
+        piece_starts = [states[ci]]  # each piece's starting state, recomputed from the chunk's
+        for a, b in pieces[:-1]:
+            piece_starts.append(
+                scan_fused.forward(p.dt[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], piece_starts[-1])[1]
+            )
+        for (a, b), h0 in reversed(list(zip(pieces, piece_starts, strict=True))):
+            g_dtu[a:b], g_Bt[a:b], g_Ct[a:b], g_A_piece, g_dt[a:b], carry = scan_fused.backward(
+                p.dt[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], h0, gy[a:b], carry
+            )
+            g_A.add_(g_A_piece)
+
+
 def scan_backward(
-    g_out: Tensor,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    ungated: Tensor | None,
-    states: Tensor,
-    delta_softplus: bool,
+    g_out: Tensor, args: ScanArgs, ungated: Tensor | None, states: Tensor, chunk: int, fused: bool
 ) -> tuple[Tensor | None, ...]:
     """Gradients (u, delta, A, B, C, D, z, delta_bias) of :func:`scan_forward`, each in its input's
-    dtype (None for absent inputs); those of u, delta, z, B, C stored token-major. Recomputes each
-    chunk's states from ``states``."""
-    p = _Prepared(u, delta, A, B, C, delta_bias, delta_softplus)
-    cd, N = p.cd, p.d_state
-    g_yt = _time_major(g_out, cd)  # (L, b, dim)
+    dtype and logical shape, contiguous (None for absent inputs). Recomputes each chunk's states
+    from ``states``."""
+    p = _Prepared(args, chunk, fused)
+    cd = p.cd
+    g_yt = _time_major(g_out, cd)  # (L, b, K, E)
     g_z = None
-    if z is not None:
-        zt = _time_major(z, cd)
+    if args.z is not None:
+        zt = _time_major(args.z, cd)
         sig = torch.sigmoid(zt)
-        g_z = _token_major(g_yt * ungated * sig * (1 + zt * (1 - sig)), z.dtype)
+        g_z = _token_major(g_yt * ungated * sig * (1 + zt * (1 - sig)), args.z.dtype)
         g_yt = g_yt * (zt * sig)
     g_D = None
     g_ut = torch.zeros_like(p.ut)
-    if D is not None:
-        g_D = (g_yt * p.ut).sum((0, 1)).to(D.dtype)
-        g_ut.addcmul_(g_yt, D.to(cd))
-    gy4 = g_yt.view(p.dt4.shape)
+    if args.D is not None:
+        g_D = (g_yt * p.ut).sum((0, 1)).to(args.D.dtype)
+        g_ut.addcmul_(g_yt, args.D.to(cd))
 
-    g_dt = torch.empty_like(p.dt4)
-    g_dtu = torch.empty_like(p.dt4)
+    g_dt = torch.empty_like(p.dt)
+    g_dtu = torch.empty_like(p.dt)
     g_A = torch.zeros_like(p.A)
     g_Bt = torch.empty_like(p.Bt)
     g_Ct = torch.empty_like(p.Ct)
-    if p.fused:
-        carry = torch.zeros_like(states[0])
-        for ci, (s, e) in reversed(list(enumerate(p.chunks()))):
-            pieces = scan_fused.pieces(s, e)
-            piece_starts = [states[ci]]  # each piece's starting state, recomputed from the chunk's
-            for a, b in pieces[:-1]:
-                piece_starts.append(
-                    scan_fused.forward(p.dt4[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], piece_starts[-1])[1]
-                )
-            for (a, b), h0 in reversed(list(zip(pieces, piece_starts, strict=True))):
-                g_dtu[a:b], g_Bt[a:b], g_Ct[a:b], g_A_piece, g_dt[a:b], carry = scan_fused.backward(
-                    p.dt4[a:b], p.dtu[a:b], p.A, p.Bt[a:b], p.Ct[a:b], h0, gy4[a:b], carry
-                )
-                g_A.add_(g_A_piece)
-    else:
-        _backward_chunks(p, states, gy4, g_dt, g_dtu, g_A, g_Bt, g_Ct)
-    g_dt.addcmul_(g_dtu, p.ut4)
-    g_ut.view(p.dt4.shape).addcmul_(g_dtu, p.dt4)
-    if delta_softplus:
-        g_dt.mul_(torch.sigmoid(p.dt_pre.view(p.dt4.shape)))
-    g_dt = g_dt.view(p.length, p.batch, p.dim)
-    g_delta_bias = g_dt.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    backward = _backward_fused if p.fused else _backward_chunks
+    backward(p, states, g_yt, g_dt, g_dtu, g_A, g_Bt, g_Ct)
+    g_dt.addcmul_(g_dtu, p.ut)
+    g_ut.addcmul_(g_dtu, p.dt)
+    if args.delta_softplus:
+        g_dt.mul_(torch.sigmoid(p.dt_pre))
+    g_delta_bias = g_dt.sum((0, 1)).to(args.delta_bias.dtype) if args.delta_bias is not None else None
     return (
-        _token_major(g_ut, u.dtype),
-        _token_major(g_dt, delta.dtype),
-        g_A.transpose(1, 2).reshape(p.dim, N).to(A.dtype).contiguous(),
-        _bc_grad(g_Bt, B),
-        _bc_grad(g_Ct, C),
+        _token_major(g_ut, args.u.dtype),
+        _token_major(g_dt, args.delta.dtype),
+        g_A.transpose(1, 2).to(args.A.dtype).contiguous(),
+        _token_major(g_Bt, args.B.dtype),
+        _token_major(g_Ct, args.C.dtype),
         g_D,
         g_z,
         g_delta_bias,
     )
-
-
-def _bc_grad(g_t: Tensor, mat: Tensor) -> Tensor:
-    """A time-major (L, b, G, N) gradient back to B's / C's shape, stored as :func:`bc_grad_empty`."""
-    out = bc_grad_empty(g_t, tuple(mat.shape), mat.dtype)
-    stored = out.permute(0, 3, 1, 2) if mat.dim() == 4 else out.transpose(1, 2).unsqueeze(2)
-    stored.copy_(g_t.transpose(0, 1))
-    return out

@@ -155,7 +155,10 @@ def test_run_dir_stamp_is_shared_by_ranks_and_restarts(monkeypatch):
         ("trainer.precision=bf32", "trainer.precision='bf32' is not a valid choice; use one of: auto, bf16"),
         ("optim.name=adamww", "optim.name='adamww' is not a valid choice"),
         ("data.kind=imagenette", "data.kind='imagenette' is not a valid choice; use one of: imagenet, demo, fake"),
-        ("model.scan_backend=triton", "model.scan_backend='triton' is not a valid choice"),
+        (
+            "model.scan_backend=trition",
+            "model.scan_backend='trition' is not a valid choice; use one of: auto, cuda, triton",
+        ),
         ("logger.mode=offlin", "logger.mode='offlin' is not a valid choice"),
         ("+sched.decay_epoch=30", "sched.decay_epoch is not a setting of timm's 'cosine' scheduler"),
     ],

@@ -9,7 +9,7 @@ from timm.optim import create_optimizer_v2
 
 import shufflemamba  # noqa: F401  (registers the models)
 from shufflemamba.models.vmamba import SS2D
-from shufflemamba.ops import use_backend
+from shufflemamba.ops import set_scan_backend
 from shufflemamba.ops.reference import selective_scan_reference
 
 PUBLISHED_PARAMS = {  # 1000 classes; published 30.2M / 50.1M / 88.6M
@@ -66,8 +66,7 @@ def test_ss2d_torch_path_matches_the_per_direction_loop(hw, d_state, dtype):
     y_ref = ss2d_scan_reference(op, x)
     grad = torch.randn_like(y_ref)
     g_ref = torch.autograd.grad(y_ref, [x, *params], grad)
-    with use_backend("torch"):
-        y = op.scan_2d(x)
+    y = set_scan_backend(op, "torch").scan_2d(x)
     g = torch.autograd.grad(y, [x, *params], grad)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y, y_ref, **tol)
@@ -83,8 +82,7 @@ def test_ss2d_block_is_the_published_v05_noz_composition():
     u = F.silu(op.conv2d(op.in_proj(x).permute(0, 3, 1, 2)))
     y = ss2d_scan_reference(op, u).transpose(1, 2).reshape(2, 4, 5, op.d_inner)
     expected = op.out_proj(F.layer_norm(y, (op.d_inner,), op.out_norm.weight, op.out_norm.bias))
-    with use_backend("torch"):
-        torch.testing.assert_close(op(x), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(set_scan_backend(op, "torch")(x), expected, rtol=1e-10, atol=1e-10)
     assert op.conv2d.bias is None and op.in_proj.out_features == op.d_inner  # conv_bias False, "noz"
 
 
