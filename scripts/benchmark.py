@@ -2,7 +2,9 @@
 
   models  training-step / inference img/s and peak memory of every family, ratios to DeiT,
           torch.compile on/off, the bidirectional mixer alone, profiles (GPU or CPU). The default.
-  scan    the CPU torch scan path against a classic sequential reference; chunk sweep; an
+  kernels the Triton scan and conv alone against mamba-ssm / causal-conv1d at Vim-S and VMamba-T
+          shapes; the Triton launch-configuration sweep; static resource use without a GPU (--aot).
+  scan    the CPU torch scan path against the sequential reference; chunk sweep; an
           Inductor-compiled chunk.
   loader  the DeiT-recipe training data loader alone (synthetic or real JPEGs), images/s.
 
@@ -14,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import loader, models, scan
+from benchmarks import kernels, loader, models, scan
 
-MODES = {"models": models, "scan": scan, "loader": loader}
+MODES = {"models": models, "kernels": kernels, "scan": scan, "loader": loader}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from conftest import TINY, run_script
+from conftest import TINY, run_script, subprocess_env
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
@@ -46,6 +46,34 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     mixer = [json.loads(line)["mixer"] for line in proc.stdout.splitlines() if line.startswith('{"mixer"')]
     assert len(mixer) == 2 and all(m["fused_ms"] > 0 and m["unfused_ms"] > 0 for m in mixer)
     assert "| fused (1 conv + 1 scan) |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_kernel_benchmark_and_sweep_run_on_the_interpreter(tmp_path):
+    """The GPU run's kernel stage, rehearsed on CPU: compare + sweep at the tiny shape (times meaningless)."""
+    out, best = tmp_path / "kernels.json", tmp_path / "best.json"
+    run_script("scripts/benchmark.py", "kernels", "--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "0",
+               "--sweep", "tiny", "--sweep-axes", "num_warps", "--json", str(out), "--best-out", str(best),
+               env=subprocess_env(TRITON_INTERPRET="1"))  # fmt: skip
+    report = json.loads(out.read_text())
+    assert {r["variant"] for r in report["compare"]} == {
+        "scan fwd+bwd triton",
+        "scan fwd triton",
+        "conv fwd+bwd triton",
+    }
+    assert all(r["ms"] > 0 for r in report["compare"] + report["sweep"]["rows"])
+    assert [r["config"] for r in report["sweep"]["rows"]] == ["defaults", "num_warps=1", "num_warps=2", "num_warps=8"]
+    assert json.loads(best.read_text())["tiny"]["ms"] > 0
+
+
+def test_the_triton_kernels_compile_for_hopper_without_a_gpu():
+    """Ahead-of-time compile for sm_90 with Triton's own compiler and ptxas: what the interpreter cannot
+    show (a global that is not a constexpr, an op with no GPU lowering) fails here, not on the GPU."""
+    proc = run_script("scripts/benchmark.py", "kernels", "--aot", "90", "--aot-configs", "32x4",
+                      env=subprocess_env(TRITON_INTERPRET="0"))  # fmt: skip
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"kernel"')]
+    kernels = {"scan_fwd", "scan_bwd", "conv_fwd", "conv_bwd_pre", "conv_bwd_x"}
+    assert {r["kernel"] for r in rows} == kernels and all("error" not in r for r in rows), rows
+    assert all(0 < r["registers"] <= 255 for r in rows)
 
 
 def test_loader_benchmark_runs_the_deit_pipeline_on_synthetic_jpegs(tmp_path):
