@@ -132,7 +132,7 @@ class BiMambaMixer(nn.Module):
     def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, channel_first: bool) -> Tensor:
         """One direction in its scan order: x, z (B, L, E) -> y (B, L, E)."""
         weight = conv.weight.transpose(0, 1)  # (1, E, W)
-        u = causal_conv1d(x, weight, conv.bias[None], "silu", settings=self.scan_settings)[:, :, 0]
+        u = causal_conv1d(x, weight, conv.bias[None], "silu", settings=self.scan_settings).squeeze(2)
         x_dbl = _linear(u, x_proj.weight, channel_first)  # (B, L, R + 2N)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = _linear(dt, dt_proj.weight, channel_first)  # (B, L, E)
@@ -140,7 +140,7 @@ class BiMambaMixer(nn.Module):
             u[:, :, None], delta[:, :, None], -torch.exp(A_log.float())[None], B[:, :, None], C[:, :, None],
             D.float()[None], z[:, :, None], dt_proj.bias.float()[None], delta_softplus=True,
         )  # fmt: skip
-        return selective_scan(args, self.scan_settings)[:, :, 0]
+        return selective_scan(args, self.scan_settings).squeeze(2)
 
     def _stacked(self, xz: Tensor, channel_first: bool) -> Tensor:
         """Both directions in one conv and one scan: the sequences stacked along channels (the
@@ -160,7 +160,7 @@ class BiMambaMixer(nn.Module):
             xs, zs = torch.cat([x, x.flip(1)], dim=-1), torch.cat([z, z.flip(1)], dim=-1)
         conv_w, conv_b = self._conv_parameters()
         u = causal_conv1d(xs, conv_w.reshape(1, 2 * inner, -1), conv_b.reshape(1, -1), "silu",
-                          settings=self.scan_settings)[:, :, 0]  # (B, L, 2E), stored as xs  # fmt: skip
+                          settings=self.scan_settings).squeeze(2)  # (B, L, 2E), stored as xs  # fmt: skip
         if channel_first:
             x_w = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R + 2N, E)
             x_dbl = torch.matmul(x_w, u.transpose(1, 2).reshape(batch, 2, inner, length))  # (B, 2, R + 2N, L)
@@ -178,7 +178,8 @@ class BiMambaMixer(nn.Module):
         A, D, dt_bias = self._ssm_parameters()
         two = (batch, length, 2, inner)
         y = selective_scan(ScanArgs(u.view(two), delta, A, B, C, D, zs.view(two), dt_bias, True), self.scan_settings)
-        return (y[:, :, 0] + y[:, :, 1].flip(1)) / 2
+        y_f, y_b = y.unbind(2)  # unbind, not y[:, :, k]: its backward stacks once instead of zero-filling twice
+        return (y_f + y_b.flip(1)) / 2
 
     def _directions_by_index(self, xz: Tensor) -> Tensor:
         """Both directions in one conv and one scan launch with nothing flipped: the reversed
