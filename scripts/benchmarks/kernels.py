@@ -273,13 +273,17 @@ def aot_report(arch: int, configs: list[tuple[int, int]]) -> list[dict]:
     kernels = {
         "scan_fwd": (kern.scan_fwd_kernel, dict(flags, ACCUMULATE=True, SAVE_STATES=True)),
         "scan_bwd": (kern.scan_bwd_kernel, dict(flags, ACC_DU=False, ACC_DZ=True)),
-        "conv_fwd": (kern.conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4, BLOCK_L=32, BLOCK_E=64)),
-        "conv_bwd_pre": (kern.conv_bwd_pre_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4, BLOCK_L=32, BLOCK_E=64)),
-        "conv_bwd_x": (kern.conv_bwd_x_kernel, dict(WIDTH=4, BLOCK_L=32, BLOCK_E=64)),
+        "conv_fwd": (kern.conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4)),
+        "conv_bwd_pre": (kern.conv_bwd_pre_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4)),
+        "conv_bwd_x": (kern.conv_bwd_x_kernel, dict(WIDTH=4)),
     }
+    default = TritonConfig()  # the conv kernels at their shipped tile and warps
+    conv_tile = dict(BLOCK_L=default.conv_block_l, BLOCK_E=default.conv_block_e)
     rows = []
     for name, (fn, constexprs) in kernels.items():
-        for block_d, warps in configs if name.startswith("scan") else [(0, 4)]:
+        if name.startswith("conv"):
+            constexprs = dict(constexprs, **conv_tile)
+        for block_d, warps in configs if name.startswith("scan") else [(0, default.conv_warps)]:
             const = dict(constexprs, **({"BLOCK_D": block_d} if block_d else {}))
             signature = {}
             for param in inspect.signature(fn.fn).parameters:

@@ -33,7 +33,7 @@ class TritonConfig:
     """Launch parameters of the Triton kernels (the GPU sweep in scripts/benchmarks/kernels.py picks them).
 
     block_d: channels per program (a power of two; 0: on a GPU the largest that still gives every
-        SM ``min_programs_per_sm`` programs, between 8 and 64; under the CPU interpreter up to 128);
+        SM ``min_programs_per_sm`` programs, between 8 and 32; under the CPU interpreter up to 128);
     num_warps: warps per program of the scan kernels;
     num_stages: software-pipelining depth of the scan kernels' time loops (1: none);
     chunk: time steps between the states the forward keeps for the backward (the backward's
@@ -96,7 +96,7 @@ class TritonConfig:
         if device.type != "cuda":  # the interpreter: its cost is per program step, so the fewest programs
             return min(128, 1 << max(3, (channels - 1).bit_length()))
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        block = 64
+        block = 32  # at 64 (4 warps) the backward kernel reaches the 255-register cap for sm_90 (docs/benchmarks.md)
         while block > 8 and programs_without_channels * -(-channels // block) < self.min_programs_per_sm * sms:
             block //= 2
         return block
