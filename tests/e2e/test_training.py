@@ -288,9 +288,6 @@ def test_a_depth_2_model_trains_on_the_triton_kernels_to_the_torch_backends_loss
     assert len(losses["triton"]) == 3 and all(torch.isfinite(torch.tensor(losses["triton"])))
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
     assert "scan backend triton (block_d=0" in logs["triton"]
-    proc = run_script("train.py", *small, "model.scan_backend=triton", f"hydra.run.dir={tmp_path / 'x'}",
-                      env=subprocess_env(TRITON_INTERPRET="0"), check=False)  # fmt: skip
-    assert proc.returncode != 0 and "scan backend 'triton' got CPU tensors" in _error_line(proc)
 
 
 def test_repeated_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path):

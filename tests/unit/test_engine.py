@@ -8,7 +8,7 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 from shufflemamba.checkpoint import TrainingState
 from shufflemamba.data.samplers import ResumableTrainSampler
-from shufflemamba.engine.builders import build_optimizer, build_scheduler, resolve_accumulation
+from shufflemamba.engine.builders import build_model, build_optimizer, build_scheduler, resolve_accumulation
 from shufflemamba.engine.trainer import RunProgress
 from shufflemamba.errors import CheckpointError, UserError
 
@@ -128,3 +128,16 @@ def test_layer_decay_gives_every_family_a_depth_wise_lr(name, kw):
     head = model.get_classifier().weight
     head_scale = next(g["lr_scale"] for g in optimizer.param_groups if any(p is head for p in g["params"]))
     assert len(scales) >= 4 and head_scale == max(scales) == 1.0 and min(scales) < 0.75**3
+
+
+def test_a_backend_that_cannot_run_on_the_device_stops_the_build_with_one_line(monkeypatch):
+    """Decided when the model is built (not at the first forward): triton on CPU tensors without the
+    interpreter, mamba-ssm without a GPU; the line says what to do."""
+    cfg = compose_cfg("train", ["experiment=demo", "model.depth=1", "model.embed_dim=16", "model.scan_backend=triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(UserError, match="scan backend 'triton' got CPU tensors: move the model to a CUDA GPU"):
+        build_model(cfg, torch.device("cpu"))
+    if not torch.cuda.is_available():
+        cfg.model.scan_backend = "cuda"
+        with pytest.raises(UserError, match="scan backend 'cuda' needs a CUDA GPU"):
+            build_model(cfg, torch.device("cpu"))
