@@ -21,3 +21,14 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequested(Exception):
     """SIGTERM/SIGINT (e.g. SLURM pre-emption): a checkpoint was written, the run exits."""
+
+
+class TorchScriptUnsupported(RuntimeError):
+    """``torch.jit.script`` of one of our families: refused with what to use instead."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"torch.jit.script does not support {model}: its scans pick a backend in Python for the device "
+            f"their tensors are on, which TorchScript cannot express (and TorchScript is deprecated in PyTorch); "
+            f"use torch.compile(model), torch.export.export(model, (x,)) or FX (timm's create_feature_extractor)"
+        )

@@ -11,12 +11,14 @@ Randomness comes from torch's generators, so seeding torch (and checkpointing it
 RNG state) makes the shuffle reproducible and exactly resumable. The draw whether to shuffle
 stays on the tensor's device and selects between the permutation and the identity with
 ``torch.where``: no host sync per block, and no data-dependent branch, so ``torch.compile``
-traces the whole model once and the per-step draws never recompile it.
+traces the whole model once and the per-step draws never recompile it. For FX (timm's feature
+extraction) the draw and the two gathers are leaf functions: nodes, not traced Python.
 """
 
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_function
 from torch import Tensor, nn
 
 
@@ -50,19 +52,29 @@ class LayerwiseShuffle(nn.Module):
         p = self.probability(layer_idx)
         if p <= 0.0:
             return None
-        batch, length = hidden.shape[:2]
-        device = hidden.device
-        if self.per_sample:
-            perm = torch.rand(batch, length, device=device).argsort(dim=1)
-        else:
-            perm = torch.randperm(length, device=device)
-        keep_order = torch.rand((), device=device) >= p
-        return torch.where(keep_order, torch.arange(length, device=device), perm)
+        return draw_token_order(hidden, p, self.per_sample)
 
     def extra_repr(self) -> str:
         return f"shuffle_rate={self.shuffle_rate}, depth={self.depth}, per_sample={self.per_sample}"
 
 
+@register_notrace_function
+def draw_token_order(hidden: Tensor, p: float, per_sample: bool) -> Tensor:
+    """A random order of hidden's tokens with probability p, else the identity ((L,) or (B, L))."""
+    batch, length = hidden.shape[:2]
+    device = hidden.device
+    if per_sample:
+        perm = torch.rand(batch, length, device=device).argsort(dim=1)
+    else:
+        perm = torch.randperm(length, device=device)
+    keep_order = torch.rand((), device=device) >= p
+    return torch.where(keep_order, torch.arange(length, device=device), perm)
+
+
+torch.fx.wrap("draw_token_order")  # a leaf for any FX trace (sample() calls it from this module)
+
+
+@register_notrace_function
 def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
     """Gather tokens (dim 1) of x (B, L, D) in the order ``perm`` ((L,) or (B, L))."""
     if perm.dim() == 1:
@@ -70,6 +82,7 @@ def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
     return torch.gather(x, 1, perm.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+@register_notrace_function
 def restore_tokens(x: Tensor, perm: Tensor) -> Tensor:
     """Exact inverse of :func:`permute_tokens` (scatter back = gather with argsort(perm))."""
     return permute_tokens(x, perm.argsort(dim=-1))

@@ -19,13 +19,23 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import (
+    DropPath,
+    lecun_normal_,
+    register_notrace_function,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    to_2tuple,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import TorchScriptUnsupported
 from ..ops import ScanArgs, ScanSettings, causal_conv1d, selective_scan
+from .creation import creation_context, is_meta
 from .pretrained_cfg import imagenet_cfg
 from .shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
 from .ssm_init import init_dt_projection_, s4d_real_log_a
@@ -35,6 +45,7 @@ __all__ = ["BiMambaMixer", "MambaBlock", "VisionMamba", "checkpoint_filter_fn", 
 ClsPosition = Literal["middle", "head"]
 
 
+@register_notrace_module  # FX: one leaf (its layout follows the device its tensors are on, known only at run time)
 class BiMambaMixer(nn.Module):
     """Bidirectional Mamba mixer: shared in/out projections, separate per-direction SSMs.
 
@@ -81,7 +92,8 @@ class BiMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(inner))
         self.D_b = nn.Parameter(torch.empty(inner))
         self.out_proj = nn.Linear(inner, d_model, bias=False)
-        self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
+        if not is_meta(self):
+            self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4) -> None:
@@ -280,7 +292,7 @@ def resize_pos_embed(
 class PatchEmbed(nn.Module):
     """Conv patch embedding whose stride may be smaller than its kernel (Vim's "finer
     granularity" models: kernel 16, stride 8, a 27 x 27 grid at 224 px). Same state-dict name
-    (``proj``) as timm's ``PatchEmbed``; returns tokens (B, N, D) and their (H, W) grid."""
+    (``proj``) as timm's ``PatchEmbed``; returns tokens (B, N, D) (their grid: :meth:`feat_size`)."""
 
     def __init__(
         self, img_size: int | tuple[int, int], patch_size: int, stride: int, in_chans: int, embed_dim: int, strict: bool
@@ -296,14 +308,27 @@ class PatchEmbed(nn.Module):
         """The token grid of an input of ``img_size`` (H, W)."""
         return tuple((s - k) // st + 1 for s, k, st in zip(img_size, self.patch_size, self.stride, strict=True))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        if self.strict and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} does not match the model's {self.img_size}; "
-                f"build it with img_size=... or dynamic_img_size=True"
-            )
-        x = self.proj(x)
-        return x.flatten(2).transpose(1, 2), (x.shape[-2], x.shape[-1])
+    def forward(self, x: Tensor) -> Tensor:
+        if self.strict:
+            x = check_image_size(x, self.img_size)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+# FX leaves for any trace, where this module calls them (timm's registry patches only the root's module)
+torch.fx.wrap("check_image_size")
+torch.fx.wrap("permute_tokens")
+torch.fx.wrap("restore_tokens")
+
+
+@register_notrace_function  # FX: a node, so a traced model checks its input size too
+def check_image_size(x: Tensor, img_size: tuple[int, int]) -> Tensor:
+    """x, or a one-line error when its (H, W) is not the size the model was built for."""
+    if tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(
+            f"input size {tuple(x.shape[-2:])} does not match the model's {tuple(img_size)}; "
+            f"build it with img_size=... or dynamic_img_size=True"
+        )
+    return x
 
 
 class VisionMamba(nn.Module):
@@ -339,6 +364,8 @@ class VisionMamba(nn.Module):
         fused_directions: bool = True,
         scan_backend: str | ScanSettings | None = None,
         dynamic_img_size: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("token", ""):
@@ -352,37 +379,41 @@ class VisionMamba(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self.norm_layer = partial(nn.RMSNorm if rms_norm else nn.LayerNorm, eps=norm_eps)
-
-        self.patch_embed = PatchEmbed(
-            img_size, patch_size, stride or patch_size, in_chans, embed_dim, strict=not dynamic_img_size
-        )
-        self._init_tokens(self.patch_embed.num_patches)
-        self.pos_drop = nn.Dropout(drop_rate)
-
         # Vim's schedule: linspace(0, rate, depth) shifted by one; the final add uses the full rate.
         dpr = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         scan_settings = ScanSettings.of(scan_backend)  # resolved once: every block runs the same way
-        self.layers = nn.ModuleList(
-            [
-                MambaBlock(
-                    embed_dim,
-                    norm_layer=self.norm_layer,
-                    drop_path=dpr[i],
-                    residual_in_fp32=residual_in_fp32,
-                    d_state=d_state,
-                    d_conv=d_conv,
-                    expand=expand,
-                    fused_directions=fused_directions,
-                    scan_backend=scan_settings,
-                )
-                for i in range(depth)
-            ]
-        )
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
-        self.norm_f = self.norm_layer(embed_dim)
-        self.shuffle = LayerwiseShuffle(shuffle_rate, depth, per_sample=shuffle_per_sample)
-        self._init_head(num_classes)
-        self.init_weights()
+        with creation_context(device, dtype):
+            self.patch_embed = PatchEmbed(
+                img_size, patch_size, stride or patch_size, in_chans, embed_dim, strict=not dynamic_img_size
+            )
+            self._init_tokens(self.patch_embed.num_patches)
+            self.pos_drop = nn.Dropout(drop_rate)
+            self.layers = nn.ModuleList(
+                [
+                    MambaBlock(
+                        embed_dim,
+                        norm_layer=self.norm_layer,
+                        drop_path=dpr[i],
+                        residual_in_fp32=residual_in_fp32,
+                        d_state=d_state,
+                        d_conv=d_conv,
+                        expand=expand,
+                        fused_directions=fused_directions,
+                        scan_backend=scan_settings,
+                    )
+                    for i in range(depth)
+                ]
+            )
+            self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+            self.norm_f = self.norm_layer(embed_dim)
+            self.shuffle = LayerwiseShuffle(shuffle_rate, depth, per_sample=shuffle_per_sample)
+            self._init_head(num_classes)
+        # timm's feature contract (features_only=True, FeatureGetterNet): the residual stream after each block
+        self.feature_info = [
+            dict(module=f"layers.{i}", num_chs=embed_dim, reduction=self.patch_embed.stride[0]) for i in range(depth)
+        ]
+        if not is_meta(self):
+            self.init_weights()
 
     # ---- what the register variant overrides ------------------------------------------------
     def _init_tokens(self, num_patches: int) -> None:
@@ -404,7 +435,7 @@ class VisionMamba(nn.Module):
         pos_embed = self.pos_embed
         if tuple(grid) != tuple(self.patch_embed.grid_size):
             pos_embed = resize_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.cls_position)
-        idx = _cls_index(x.shape[1], self.cls_position)
+        idx = _cls_index(grid[0] * grid[1], self.cls_position)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([x[:, :idx], cls, x[:, idx:]], dim=1) + pos_embed
 
@@ -453,16 +484,24 @@ class VisionMamba(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none, features out), on the model's device and dtype."""
+        if global_pool is not None and global_pool not in ("token", ""):
+            raise ValueError(f"global_pool must be 'token' or '', got {global_pool!r}")
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        factory = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **factory) if num_classes > 0 else nn.Identity()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TorchScriptUnsupported(type(self).__name__)
 
     # ---- forward --------------------------------------------------------------------------
     def _tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Images -> the token sequence with position embedding, and the patch grid."""
-        x, grid = self.patch_embed(x)
-        return self.pos_drop(self._insert_tokens(x, grid)), grid
+        """Images -> the token sequence with position embedding, and the patch grid (a constant unless
+        ``dynamic_img_size``, so FX traces the fixed-size model without reading shapes)."""
+        grid = self.patch_embed.feat_size(tuple(x.shape[-2:])) if self.dynamic_img_size else self.patch_embed.grid_size
+        return self.pos_drop(self._insert_tokens(self.patch_embed(x), grid)), grid
 
     def _run_blocks(
         self, hidden: Tensor, take: Sequence[int] = (), stop: int | None = None
@@ -487,7 +526,8 @@ class VisionMamba(nn.Module):
 
     def _final(self, hidden: Tensor, residual: Tensor) -> Tensor:
         residual = residual + self.drop_path(hidden)
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        weight = getattr(self.norm_f, "weight", None)  # norm_f is an Identity once pruned
+        return self.norm_f(residual if weight is None else residual.to(weight.dtype))
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, M + prefix tokens, D)."""
@@ -636,11 +676,13 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
         shuffle_rate=size.shuffle_rate,
         drop_path_rate=size.drop_path_rate,
     )
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
     return build_model_with_cfg(
         VisionMamba,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**defaults, **kwargs},
     )
 

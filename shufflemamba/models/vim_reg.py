@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -75,8 +75,8 @@ class VisionMambaReg(VisionMamba):
         if tuple(grid) != tuple(self.patch_embed.grid_size):
             pos_embed = resize_pos_embed(pos_embed, grid, self.patch_embed.grid_size, cls_position=None)
         tokens = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed_cls
-        order, _ = register_layout(x.shape[1], self.num_cls_tokens)
-        return torch.cat([x + pos_embed, tokens], dim=1)[:, order.to(x.device)]
+        order, _ = register_layout(grid[0] * grid[1], self.num_cls_tokens)
+        return take_tokens(torch.cat([x + pos_embed, tokens], dim=1), order)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -89,9 +89,25 @@ class VisionMambaReg(VisionMamba):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "token":
-            x = x[:, self.token_positions(x.shape[1] - self.num_cls_tokens).to(x.device)]  # (B, n, D)
+            x = take_register_tokens(x, self.num_cls_tokens)  # (B, n, D)
             x = self.norm_neck(self.neck(x).flatten(1)) if self.cls_reduce > 1 else x.flatten(1)
         return x if pre_logits else self.head(x)
+
+
+@register_notrace_function  # FX: the index tensor moves to x's device at run time
+def take_tokens(x: Tensor, positions: Tensor) -> Tensor:
+    """x[:, positions] with ``positions`` (a constant of the layout) on x's device."""
+    return x[:, positions.to(x.device)]
+
+
+@register_notrace_function  # FX: the layout follows the sequence length, known at run time
+def take_register_tokens(x: Tensor, num_tokens: int) -> Tensor:
+    """The ``num_tokens`` register tokens of a sequence x (B, patches + num_tokens, D)."""
+    return take_tokens(x, register_layout(x.shape[1] - num_tokens, num_tokens)[1])
+
+
+torch.fx.wrap("take_tokens")  # leaves for any FX trace (timm's registry reaches only the root's module)
+torch.fx.wrap("take_register_tokens")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionMambaReg) -> dict[str, Tensor]:
@@ -160,11 +176,13 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
         shuffle_rate=size.shuffle_rate,
         drop_path_rate=size.drop_path_rate,
     )
+    out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         VisionMambaReg,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**defaults, **kwargs},
     )
 

@@ -23,21 +23,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import Permute
 
+from ..errors import TorchScriptUnsupported
 from ..ops import ScanArgs, ScanSettings, selective_scan
 from ..ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
+from .creation import creation_context, is_meta
 from .pretrained_cfg import imagenet_cfg
 from .ssm_init import init_dt_projection_, s4d_real_log_a
 
 __all__ = ["SS2D", "VMamba", "VSSBlock", "checkpoint_filter_fn"]
 
 
+@register_notrace_module  # FX: one leaf (its layout follows the device its tensors are on, known only at run time)
 class SS2D(nn.Module):
     """2-D selective scan, "v05_noz": in-proj, 3x3 depthwise conv, SiLU, 4-direction scan,
     merge, LayerNorm, out-proj. No gate branch (``noz``). Input and output (B, H, W, C)."""
@@ -73,7 +76,8 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.empty(k * inner))
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
-        self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
+        if not is_meta(self):
+            self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4) -> None:
@@ -231,6 +235,8 @@ class VMamba(nn.Module):
         drop_path_rate: float = 0.2,
         norm_eps: float = 1e-5,
         scan_backend: str | ScanSettings | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -243,31 +249,38 @@ class VMamba(nn.Module):
         self.global_pool = global_pool
         self.dims = dims
         self.num_features = self.head_hidden_size = dims[-1]
+        self.output_fmt = "NHWC"  # features are channels-last, as timm's Swin / MambaOut
+        # timm's feature contract: each stage's map after its blocks (before its downsampling), stride 4 .. 32
+        self.feature_info = [
+            dict(module=f"layers.{i}.blocks", num_chs=dim, reduction=4 * 2**i) for i, dim in enumerate(dims)
+        ]
 
-        self.patch_embed = _stem(in_chans, dims[0], norm_eps)
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace(0, rate, total)
         ssm_kwargs = dict(
             d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias,
             scan_backend=ScanSettings.of(scan_backend),  # resolved once for every block
         )  # fmt: skip
-        self.layers = nn.ModuleList()
-        for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
-            first = sum(depths[:i])
-            blocks = [
-                VSSBlock(dim, drop_path=dpr[first + j], mlp_ratio=mlp_ratio, norm_eps=norm_eps, **ssm_kwargs)
-                for j in range(depth)
-            ]
-            last = i == len(depths) - 1
-            self.layers.append(VMambaStage(blocks, nn.Identity() if last else _downsample(dim, dims[i + 1], norm_eps)))
-        self.classifier = nn.ModuleDict(
-            {
-                "norm": nn.LayerNorm(self.num_features, eps=norm_eps),
-                "head": nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),
-            }
-        )
-        self.head_drop = nn.Dropout(drop_rate)
-        self.init_weights()
+        with creation_context(device, dtype):
+            self.patch_embed = _stem(in_chans, dims[0], norm_eps)
+            self.layers = nn.ModuleList()
+            for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
+                first = sum(depths[:i])
+                blocks = [
+                    VSSBlock(dim, drop_path=dpr[first + j], mlp_ratio=mlp_ratio, norm_eps=norm_eps, **ssm_kwargs)
+                    for j in range(depth)
+                ]
+                down = nn.Identity() if i == len(depths) - 1 else _downsample(dim, dims[i + 1], norm_eps)
+                self.layers.append(VMambaStage(blocks, down))
+            self.classifier = nn.ModuleDict(
+                {
+                    "norm": nn.LayerNorm(self.num_features, eps=norm_eps),
+                    "head": nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),
+                }
+            )
+            self.head_drop = nn.Dropout(drop_rate)
+        if not is_meta(self):
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -310,10 +323,18 @@ class VMamba(nn.Module):
         return self.classifier["head"]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none, features out), on the model's device and dtype."""
+        if global_pool is not None and global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.classifier["head"] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.patch_embed[0].weight
+        head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
+        self.classifier["head"] = head or nn.Identity()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TorchScriptUnsupported(type(self).__name__)
 
     # ---- forward --------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
@@ -425,11 +446,13 @@ VMAMBA_SIZES: dict[str, tuple[int, tuple[int, ...], float, float]] = {
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VMamba:
     dims, depths, ssm_ratio, drop_path_rate = VMAMBA_SIZES[variant]
     defaults = dict(dims=dims, depths=depths, ssm_ratio=ssm_ratio, drop_path_rate=drop_path_rate)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))  # features_only: every stage, as timm's CNNs
     return build_model_with_cfg(
         VMamba,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**defaults, **kwargs},
     )
 
