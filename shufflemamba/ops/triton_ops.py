@@ -77,10 +77,6 @@ def _codes(directions: tuple[str, ...]) -> int:
     return code
 
 
-def _directions(code: int, k: int) -> list[int]:
-    return [(code >> (2 * i)) & 3 for i in range(k)]
-
-
 def _unit_inner(t: Tensor | None) -> Tensor | None:
     """The kernels read channels (and states) at stride 1: any other innermost stride is copied once."""
     if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
@@ -104,18 +100,10 @@ def _num_saved(length: int, chunk: int) -> int:
     return -(-length // chunk) - 1
 
 
-def _plan(u: Tensor, delta: Tensor, z: Tensor | None, combine: str) -> tuple[bool, bool, bool, bool]:
-    """(all directions in one program, accumulate the output, accumulate du, accumulate dz)."""
-    k = delta.shape[2]
-    shares_u = u.shape[2] == 1 and k > 1
-    shares_z = z is not None and z.shape[2] == 1 and k > 1
-    together = combine != "none" or shares_u or shares_z
-    return together, combine != "none" and k > 1, shares_u, shares_z
-
-
-def _out_shape(delta: Tensor, combine: str) -> tuple[int, ...]:
-    batch, length, k, channels = delta.shape
-    return (batch, length, channels) if combine != "none" else (batch, length, k, channels)
+def _together(args: ScanArgs) -> bool:
+    """Whether one program runs every direction of its channels: needed to combine the outputs, or
+    to sum a shared u's / z's gradient over the directions, in place."""
+    return args.combine != "none" or args.shares_u or args.shares_z
 
 
 def _parameters(args: ScanArgs) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,11 +135,11 @@ def _scan(
     """(output in u's dtype, the states kept for the backward: (batch, K, chunks - 1, N, E) fp32)."""
     kern = _kernels()
     cfg = TritonConfig.from_list(config)
-    args = ScanArgs(*scan)
+    args = ScanArgs(*scan, combine=combine)
     batch, length, k, channels = args.delta.shape
     d_state = args.d_state
-    together, accumulate, _, _ = _plan(args.u, args.delta, args.z, combine)
-    out = args.u.new_empty(_out_shape(args.delta, combine))
+    together, accumulate = _together(args), combine != "none" and k > 1
+    out = args.u.new_empty(args.output_shape())
     n_saved = _num_saved(length, cfg.chunk)
     keep = save_states and n_saved > 0
     f32 = torch.float32
@@ -175,9 +163,9 @@ def _scan(
 
 @torch.library.register_fake(_FWD)
 def _(directions, height, width, combine, config, save_states, *scan):
-    args = ScanArgs(*scan)
+    args = ScanArgs(*scan, combine=combine)
     batch, length, k, channels = args.delta.shape
-    out = args.u.new_empty(_out_shape(args.delta, combine))
+    out = args.u.new_empty(args.output_shape())
     if not save_states:
         return out, _empty(out)
     n_saved = _num_saved(length, TritonConfig.from_list(config).chunk)
@@ -190,10 +178,10 @@ def _scan_bwd(
 ) -> tuple[Tensor, ...]:
     kern = _kernels()
     cfg = TritonConfig.from_list(config)
-    args = ScanArgs(*scan)
+    args = ScanArgs(*scan, combine=combine)
     batch, length, k, channels = args.delta.shape
     d_state = args.d_state
-    together, _, acc_du, acc_dz = _plan(args.u, args.delta, args.z, combine)
+    together = _together(args)
     k_programs = 1 if together else k
     block_d = cfg.channel_block(channels, batch * k_programs, args.u.device)
     block_n = _pow2(d_state)
@@ -227,7 +215,7 @@ def _scan_bwd(
         *_strides3(du), *_strides3(dz),
         max(n_saved, 0), n_tiles, n_dblocks, k_programs, batch,
         HAS_D=args.D is not None, HAS_Z=z is not None, HAS_BIAS=args.delta_bias is not None,
-        SOFTPLUS=args.delta_softplus, ALL_DIRECTIONS=together, ACC_DU=acc_du, ACC_DZ=acc_dz,
+        SOFTPLUS=args.delta_softplus, ALL_DIRECTIONS=together, ACC_DU=args.shares_u, ACC_DZ=args.shares_z,
         CHUNK=cfg.chunk, BLOCK_D=block_d, BLOCK_N=block_n, NUM_STAGES=cfg.num_stages, **cfg.launch_options(),
     )  # fmt: skip
     return (
