@@ -110,9 +110,9 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden (B, L, D) -> (B, L, D)."""
         xz = self.in_proj(hidden)  # (B, L, 2E)
-        if not self.fused_directions:
-            return self.out_proj(self._official(xz))
         backend = self.scan_settings.backend_for(xz)
+        if not self.fused_directions:
+            return self.out_proj(self._official(xz, channel_first=backend == "cuda"))
         if backend == "triton":
             return self.out_proj(self._directions_by_index(xz))
         return self.out_proj(self._stacked(xz, channel_first=backend == "cuda"))
@@ -131,10 +131,9 @@ class BiMambaMixer(nn.Module):
         )
 
     # ---- the three layouts ------------------------------------------------------------------------
-    def _official(self, xz: Tensor) -> Tensor:
+    def _official(self, xz: Tensor, channel_first: bool) -> Tensor:
         """The official structure: one conv + one scan per direction, the reversed one on flipped copies."""
         x, z = xz.chunk(2, dim=-1)  # (B, L, E) each
-        channel_first = self.scan_settings.backend_for(xz) == "cuda"
         y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, channel_first)
         y_b = self._direction(
             x.flip(1), z.flip(1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, channel_first

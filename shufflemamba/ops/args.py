@@ -194,7 +194,7 @@ class ScanArgs:
         delta_bias: Tensor | None = None,
         delta_softplus: bool = False,
     ) -> ScanArgs:
-        """mamba-ssm's ``selective_scan_fn`` arguments as views: u / delta / z (b, dim, L), A (dim, N),
+        """mamba-ssm's ``selective_scan_fn`` arguments as views, checked: u / delta / z (b, dim, L), A (dim, N),
         B / C (b, N, L) or grouped (b, G, N, L) (channel d reads group d // (dim / G)), D / bias (dim,)."""
         if u.dim() != 3:
             raise ValueError(f"selective scan: u must be (batch, dim, length), got {tuple(u.shape)}")
@@ -240,11 +240,7 @@ class ScanArgs:
                 raise ValueError(f"selective scan: {name} must be ({dim},), got {tuple(x.shape)}")
             return x.view(groups, channels)
 
-        if A.is_complex() or any(t is not None and t.is_complex() for t in (u, delta, B, C, D, z, delta_bias)):
-            raise ValueError(
-                "selective scan: complex inputs are not supported (only real A / B / C), got a complex tensor"
-            )
-        return cls(
+        args = cls(
             u=seq(u, "u"),
             delta=seq(delta, "delta"),
             A=A.view(groups, channels, d_state),
@@ -255,6 +251,8 @@ class ScanArgs:
             delta_bias=vec(delta_bias, "delta_bias"),
             delta_softplus=delta_softplus,
         )
+        args.check()  # dtypes (no complex A / B / C) the views above do not see
+        return args
 
     @staticmethod
     def to_channel_first(out: Tensor) -> Tensor:

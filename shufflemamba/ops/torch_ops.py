@@ -147,7 +147,6 @@ def selective_scan_torch(
     and with ``return_last_state`` the final state (b, dim, N) (no gradient through it; out keeps
     its gradient). Settings from the environment (:meth:`ScanSettings.resolve`)."""
     args = ScanArgs.from_channel_first(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    args.check()
     out, last = scan_torch_op(args, ScanSettings.resolve("torch"), return_last_state=True)
     out = ScanArgs.to_channel_first(out)
     return (out, last.reshape(u.shape[0], u.shape[1], -1)) if return_last_state else out
