@@ -125,6 +125,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same global RNG state: its random inputs (an unseeded randn_like
+    gradient, say) then never depend on which tests ran before it, or in what order."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)

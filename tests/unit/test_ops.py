@@ -35,7 +35,11 @@ def test_torch_scan_matches_reference_forward_and_gradients(shape, monkeypatch):
     g = torch.autograd.grad(y, list(inputs.values()), grad_out)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for name, a, b in zip(names, g, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
+        # atol scaled by the gradient's magnitude: dA sums ~600 fp32 products of up to ~100, so an
+        # element near zero differs by ~1e-5 absolutely in any summation order (exactness is the
+        # float64 test's and gradcheck's)
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=f"grad of {name}")
 
 
 def test_torch_scan_float64_exact_and_optional_args():
