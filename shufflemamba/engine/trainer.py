@@ -101,6 +101,7 @@ class EpochStats:
     images_per_sec: float
     seconds: float
     skipped_images: int
+    skipped_batches: int  # micro-batches in which no image could be decoded
 
 
 def _clock(seconds: float) -> str:
@@ -251,6 +252,12 @@ class Trainer:
         )
 
     # ---- the step -------------------------------------------------------------------------
+    def _blank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch of black images (uint8, as the loader gives them) to stand in for one
+        whose images all failed to decode; its loss is weighted zero."""
+        size, batch = int(self.cfg.data.img_size), int(self.cfg.data.batch_size)
+        return torch.zeros(batch, 3, size, size, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -307,7 +314,8 @@ class Trainer:
         window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite count (log window)
         epoch_sums = torch.zeros(2, dtype=torch.float64, device=device)  # the same over the epoch
         bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this update
-        skipped_images, epoch_images = 0, 0
+        skipped_images, skipped_batches, epoch_images = 0, 0, 0
+        has_images = False  # a decodable image in this update's micro-batches (on this rank)
         window_start = epoch_start = time.perf_counter()
         window_images = 0
         done = sampler.steps_done * accum
@@ -317,29 +325,46 @@ class Trainer:
             for name in failed:
                 log.warning("skipped undecodable image: %s", name)
             skipped_images += len(failed)
+            empty = images.shape[0] == 0
+            if empty:
+                # Every image of this micro-batch failed to decode. It still runs, on a blank
+                # stand-in with zero weight: a rank that skipped its backward would leave the
+                # others waiting in DDP's gradient all-reduce.
+                skipped_batches += 1
+                log.warning("epoch %d, micro-batch %d: no decodable image; skipped", epoch, batch_idx)
+                images, labels = self._blank_batch()
+            has_images |= not empty
             # Erasing / mixup draws are keyed by the micro-batch's place in the epoch's global
             # order, so they are the same whichever rank (and world size) computes it.
             with keyed_rng(tcfg.seed, epoch, sampler.micro_batch_offset(batch_idx)):
                 images, labels = self.data.train_transform(images, labels)
             is_update = (batch_idx + 1) % accum == 0
             no_sync = model.no_sync() if (self.dist.distributed and not is_update) else contextlib.nullcontext()
+            weight = 0.0 if empty else 1.0
             with no_sync:
                 with self.autocast():
                     loss = self.criterion(model(images), labels)
+                if empty:
+                    loss = loss * 0.0
                 finite = torch.isfinite(loss.detach())
                 bad |= ~finite
                 self.scaler.scale(loss / accum).backward()
-            window += torch.stack([torch.where(finite, loss.detach().double(), 0.0), finite.double()])
-            window_images += images.shape[0]
+            window += torch.stack([torch.where(finite, loss.detach().double(), 0.0), finite.double() * weight])
+            window_images += 0 if empty else images.shape[0]
             if not is_update:
                 continue
 
-            # One collective, one host sync per update: any rank's NaN skips the step everywhere.
-            flags = torch.stack([bad, torch.tensor(self.stop_requested, device=device)])
-            any_bad, stop = D.any_rank(flags, device)
+            # One collective, one host sync per update: any rank's NaN skips the step everywhere,
+            # and so does an update without a single decodable image on any rank.
+            flags = torch.tensor([self.stop_requested, has_images], device=device)
+            any_bad, stop, any_images = D.any_rank(torch.cat([bad.view(1), flags]), device)
             bad.zero_()
+            has_images = False
             if any_bad:
                 self._skip_update()
+            elif not any_images:
+                self.optimizer.zero_grad(set_to_none=True)
+                log.warning("update %d: no decodable image on any rank; step skipped", self.progress.global_step)
             else:
                 self._apply_update()
             self.progress.global_step += 1
@@ -376,16 +401,21 @@ class Trainer:
                 raise StopRequested(f"stop requested: checkpoint written at epoch {epoch}, sample {trained}")
         bar.close()
         seconds = time.perf_counter() - epoch_start
-        loss_sum, count, skipped = D.all_reduce_sum(
-            torch.cat([epoch_sums, torch.tensor([float(skipped_images)], dtype=torch.float64, device=device)]), device
-        )
+        skips = torch.tensor([float(skipped_images), float(skipped_batches)], dtype=torch.float64, device=device)
+        loss_sum, count, skipped, skipped_batches = D.all_reduce_sum(torch.cat([epoch_sums, skips]), device)
         if skipped:
-            log.warning("epoch %d: %d undecodable images skipped", epoch, int(skipped))
+            log.warning(
+                "epoch %d: %d undecodable images skipped (%d micro-batches left empty)",
+                epoch,
+                int(skipped),
+                int(skipped_batches),
+            )
         return EpochStats(
             loss=loss_sum / max(count, 1),
             images_per_sec=epoch_images * self.dist.world_size / max(seconds, 1e-9),
             seconds=seconds,
             skipped_images=int(skipped),
+            skipped_batches=int(skipped_batches),
         )
 
     # ---- the run --------------------------------------------------------------------------
@@ -467,7 +497,8 @@ class Trainer:
         train = {"train_loss": stats.loss, "train_img_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds}
         for weights, r in results.items():
             row = {"split": "val", "epoch": epoch, "weights": weights, **r, **train}
-            self.metrics.write({**row, "skipped_images": stats.skipped_images}, step=self.progress.global_step)
+            skips = {"skipped_images": stats.skipped_images, "skipped_batches": stats.skipped_batches}
+            self.metrics.write({**row, **skips}, step=self.progress.global_step)
         top1 = results[self.best_source()]["top1"]
         best = top1 > self.progress.best_top1
         if best:
