@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.optim import list_optimizers
 from timm.scheduler import create_scheduler_v2
 
+from .data.datasets import DATA_KINDS
 from .errors import UserError
 from .models import supports_token_shuffle
 from .ops import BACKENDS
@@ -26,7 +27,7 @@ SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.scan_backend": BACKENDS,
-    "data.kind": ("imagenet", "demo", "fake"),
+    "data.kind": DATA_KINDS,
     "data.interpolation": INTERPOLATIONS,
     "aug.interpolation": INTERPOLATIONS,
     "aug.remode": ("pixel", "rand", "const"),

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -200,3 +201,81 @@ def make_scan_args(
 def scan_leaves(args: ScanArgs) -> dict[str, torch.Tensor]:
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     return {n: t for n, t in zip(names, args.tensors(), strict=True) if t is not None}
+
+
+def write_image_folder(root: Path, per_split: dict[str, int], num_classes: int = 4, seed: int = 0) -> Path:
+    """An ImageFolder of small random JPEGs (and one PNG per split) of varied sizes:
+    ``root/<split>/c<k>/img_<i>.JPEG``, image ``i`` in class ``i % num_classes``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in per_split.items():
+        for i in range(count):
+            folder = root / split / f"c{i % num_classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            h, w = (int(v) for v in rng.integers(18, 40, size=2))
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            img.save(folder / (f"img_{i:04d}.png" if i == 5 else f"img_{i:04d}.JPEG"), quality=90)
+    return root
+
+
+def write_parquet(folder: Path, root: Path, split_dirs: dict[str, str]) -> Path:
+    """The ImageFolder at ``folder`` as parquet files in the hub's ILSVRC/imagenet-1k layout
+    (``root/data/<split>-0000i-of-0000n.parquet``, columns image = {bytes, path} and label), in
+    the ImageFolder's sample order (sorted classes, sorted files), two files per split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for source, split in split_dirs.items():
+        classes = sorted(p.name for p in (folder / source).iterdir())
+        rows = [
+            ({"bytes": f.read_bytes(), "path": f.name}, label)
+            for label, c in enumerate(classes)
+            for f in sorted((folder / source / c).iterdir())
+        ]
+        half = (len(rows) + 1) // 2
+        for part, chunk in enumerate((rows[:half], rows[half:])):
+            table = pa.table({"image": [r[0] for r in chunk], "label": [r[1] for r in chunk]})
+            pq.write_table(table, root / "data" / f"{split}-{part:05d}-of-00002.parquet")
+    return root
+
+
+def data_cfg(kind: str, root: Path, cache: Path, *overrides: str, img_size: int = 16):
+    """The composed ``data`` config of ``data=<kind>`` over ``root`` for the 4-class test images."""
+    extra = ["data.index_workers=2"] if kind in ("wds", "imagenet_tar") else []
+    if kind == "hf":
+        extra = [f"data.hf_cache_dir={cache / 'hf'}"]
+    cfg = compose_cfg(
+        "train",
+        [
+            f"data={kind}",
+            f"data.root={root}",
+            "data.num_classes=4",
+            f"data.img_size={img_size}",
+            f"data.index_cache_dir={cache}",
+            *extra,
+            *overrides,
+        ],
+    )
+    return cfg.data, cfg.aug
+
+
+@pytest.fixture(scope="session")
+def image_sets(tmp_path_factory) -> dict[str, Path]:
+    """The same few hundred small images as an ImageFolder, as tar shards (written by our
+    converter, several per split) and as parquet files; one index cache for all."""
+    from shufflemamba.data.datasets import open_split
+    from shufflemamba.data.shard_writer import convert, plan_split
+
+    base = tmp_path_factory.mktemp("image_sets")
+    folder = write_image_folder(base / "folder", {"train": 192, "val": 48})
+    cache = base / "cache"
+    sources, plans = {}, []
+    for split, name in (("train", "train"), ("val", "validation")):
+        cfg, _ = data_cfg("imagenet", folder, cache)
+        sources[name] = open_split(cfg, split)
+        plans.append(plan_split(name, str(folder), len(sources[name]), "tiny", 40, None))
+    convert(sources, plans, base / "wds", workers=2)
+    write_parquet(folder, base / "parquet", {"train": "train", "val": "validation"})
+    return {"imagenet": folder, "wds": base / "wds", "hf": base / "parquet", "cache": cache, "base": base}

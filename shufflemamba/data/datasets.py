@@ -1,5 +1,8 @@
-"""Datasets: ImageNet-style folders (cached, array-backed index), the embedded digits demo,
-and synthetic images. Every dataset yields (PIL image, label) to the transform.
+"""Datasets: ImageNet as an ImageFolder, as tar shards or ILSVRC2012 tars read at random
+(:mod:`~shufflemamba.data.tar_index`), or as Hugging Face Arrow / parquet files
+(:mod:`~shufflemamba.data.hf`); the embedded digits demo; synthetic images. Every dataset yields
+(PIL image, label) to the transform, and the file-backed ones decode the same bytes with the same
+PIL call, so a sample's pixels do not depend on the format it is stored in.
 
 Items are requested as ``(index, seed)`` pairs (see :mod:`shufflemamba.data.samplers`): the
 worker seeds python/numpy/torch from ``seed`` before transforming, so an image's
@@ -9,9 +12,11 @@ it; that is what makes mid-epoch resume exact.
 
 from __future__ import annotations
 
-import hashlib
-import logging
+import contextlib
+import io
 import os
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,9 @@ from torch.utils.data import Dataset, get_worker_info
 
 from ..errors import UserError
 from ..rng import preserved_rng, seed_all
-
-log = logging.getLogger(__name__)
+from . import tar_index as T
+from .index_cache import cache_file, default_cache_dir, load_arrays, save_arrays
+from .tar_index import TarIndex
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -54,19 +60,55 @@ class _SeededDataset(Dataset):
         try:
             img, label = self.load(index)
             img = img.convert("RGB")  # grayscale, CMYK, palette, alpha -> RGB
-        except Exception as exc:  # unreadable file: skipped by the collate, counted by the loop
-            log.warning("skipping undecodable image %s (%s: %s)", self.name_of(index), type(exc).__name__, exc)
-            return None, self.name_of(index)
+        except Exception as exc:  # unreadable: the collate drops it, the loop logs this line and counts it
+            return None, f"{self.name_of(index)} ({type(exc).__name__}: {exc})"
         if self.transform is not None:
             img = self.transform(img)
         return img, label
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """A sample as stored: the image file's bytes (never re-encoded), its extension, its label,
+    and where it came from (for messages). What the shard converter copies between formats."""
+
+    data: bytes
+    ext: str
+    label: int
+    name: str
+
+
+def sniff_extension(data: bytes) -> str:
+    """The image format of encoded bytes, as a file extension (for bytes stored without a name)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "bin"
+
+
+class EncodedDataset(_SeededDataset):
+    """A dataset of encoded image files (a folder, tar shards, Arrow tables): PIL decodes them in
+    the worker, so every format gives the same pixels for the same bytes."""
+
+    def encoded(self, index: int) -> EncodedImage:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        sample = self.encoded(index)
+        with Image.open(io.BytesIO(sample.data)) as img:
+            img.load()
+            return img, sample.label
+
+
 class ImageFolderIndex:
     """The file list of one split, as numpy arrays (no per-worker copies of Python tuples).
 
-    Listing 1.28M files takes minutes on network filesystems, so the list is cached in
-    ``cache_dir`` keyed by the split's absolute path; rank 0 builds it, the others read it.
+    Listing 1.28M files takes minutes on network filesystems, so the list is cached
+    (:mod:`~shufflemamba.data.index_cache`) keyed by the split's absolute path; rank 0 builds it,
+    the others read it.
     """
 
     def __init__(self, root: Path, classes: list[str], rel_paths: np.ndarray, labels: np.ndarray) -> None:
@@ -95,21 +137,17 @@ class ImageFolderIndex:
     @classmethod
     def load_or_scan(cls, root: Path, cache_dir: Path, refresh: bool = False, write: bool = True) -> ImageFolderIndex:
         root = root.resolve()
-        key = hashlib.sha1(str(root).encode()).hexdigest()[:16]
-        cache = cache_dir / f"index-{root.name}-{key}.npz"
-        if cache.is_file() and not refresh:
-            with np.load(cache, allow_pickle=False) as z:
-                return cls(root, [str(c) for c in z["classes"]], z["paths"], z["labels"])
+        cache = cache_file(cache_dir, "folder", root)
+        cached = None if refresh else load_arrays(cache)
+        if cached is not None:
+            return cls(root, [str(c) for c in cached["classes"]], cached["paths"], cached["labels"])
         index = cls.scan(root)
         if write:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, classes=np.array(index.classes), paths=index.rel_paths, labels=index.labels)
-            os.replace(tmp, cache)
+            save_arrays(cache, classes=np.array(index.classes), paths=index.rel_paths, labels=index.labels)
         return index
 
 
-class FolderDataset(_SeededDataset):
+class FolderDataset(EncodedDataset):
     def __init__(self, index: ImageFolderIndex, transform: Any = None) -> None:
         self.index, self.transform = index, transform
 
@@ -123,10 +161,66 @@ class FolderDataset(_SeededDataset):
     def name_of(self, index: int) -> str:
         return str(self.index.root / self.index.rel_paths[index].decode())
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
-        with Image.open(self.name_of(index)) as img:
-            img.load()
-            return img, int(self.index.labels[index])
+    def encoded(self, index: int) -> EncodedImage:
+        name = self.name_of(index)
+        with open(name, "rb") as f:
+            data = f.read()
+        ext = name.rpartition(".")[2].lower()
+        return EncodedImage(data, "jpg" if ext == "jpeg" else ext, int(self.index.labels[index]), name)
+
+
+class TarDataset(EncodedDataset):
+    """Samples stored in tar files, read at random through a :class:`TarIndex`: one ``pread`` of
+    the member's bytes per sample on a file descriptor the worker keeps open (an LRU of at most
+    ``max_open`` shards per worker; never a tar walk per sample)."""
+
+    def __init__(self, index: TarIndex, transform: Any = None, max_open: int = 1) -> None:
+        self.index, self.transform, self.max_open = index, transform, max(1, int(max_open))
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index.label
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fds"] = OrderedDict()  # descriptors are per process
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def name_of(self, index: int) -> str:
+        return self.index.where(index)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: the parent's descriptors are not ours to manage
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        if len(self._fds) >= self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[shard] = os.open(self.index.root / self.index.shards[shard], os.O_RDONLY)
+        return fd
+
+    def encoded(self, index: int) -> EncodedImage:
+        ix = self.index
+        size = int(ix.size[index])
+        data = os.pread(self._fd(int(ix.shard[index])), size, int(ix.offset[index]))
+        if len(data) != size:
+            raise OSError(f"read {len(data)} of {size} bytes: the shard is shorter than when it was indexed")
+        name = ix.name[index].decode()
+        ext = name.rpartition(".")[2].lower()
+        return EncodedImage(data, "jpg" if ext == "jpeg" else ext, int(ix.label[index]), ix.where(index))
 
 
 class DigitsDataset(_SeededDataset):
@@ -175,8 +269,72 @@ class FakeDataset(_SeededDataset):
         return Image.fromarray(pixels), index % self.num_classes
 
 
+DATA_KINDS = ("imagenet", "wds", "hf", "imagenet_tar", "demo", "fake")
+
+
+def _data_root(data_cfg: Any) -> Path:
+    if OmegaConf.is_missing(data_cfg, "root") or data_cfg.root in (None, ""):
+        raise UserError(f"data.root is not set: pass data.root=/path/to/the/data (data={data_cfg.kind})")
+    root = Path(data_cfg.root).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"dataset root not found: {root}")
+    return root
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: Any) -> None:
+    """Every label is a class of the model's head: else one line naming the first sample outside."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise UserError(
+            f"{where(int(bad[0]))} has label {int(labels[bad[0]])}, outside data.num_classes={num_classes} "
+            f"({len(bad)} such samples)"
+        )
+
+
+def _tar_split(data_cfg: Any, root: Path, split: str, is_main: bool) -> TarDataset:
+    cache_dir = default_cache_dir(data_cfg.get("index_cache_dir"))
+    refresh, workers = bool(data_cfg.refresh_index), T.index_workers(data_cfg.index_workers)
+    name = data_cfg.train_split if split == "train" else data_cfg.val_split
+    if data_cfg.kind == "wds":
+        pattern = data_cfg.train_shards if split == "train" else data_cfg.val_shards
+        allow = bool(data_cfg.allow_count_mismatch)
+        index = T.wds_index(root, name, pattern, cache_dir, workers, refresh, is_main, allow)
+        return TarDataset(index, max_open=data_cfg.max_open_shards)
+    if split == "train":
+        return TarDataset(T.class_tar_index(root, data_cfg.train_tar, cache_dir, workers, refresh, is_main))
+    labels_path = root / data_cfg.val_labels
+    labels = T.read_val_labels(labels_path, T.class_names(root / data_cfg.train_tar))
+    stamp = f"{labels_path}:{labels_path.stat().st_mtime_ns}"
+    return TarDataset(T.flat_tar_index(root, data_cfg.val_tar, labels, cache_dir, refresh, is_main, stamp))
+
+
+def open_split(data_cfg: Any, split: str, is_main: bool = True) -> EncodedDataset:
+    """The stored samples of the ``split`` ("train" or "val") of a file-backed ``data.kind``, as
+    they are (no transform, labels unchecked): what training reads and the shard converter copies.
+
+    ``is_main``: this process writes the cached index (rank 0; the others wait for it and read it).
+    """
+    kind = data_cfg.kind
+    if kind not in DATA_KINDS:
+        raise UserError(f"unknown data.kind {kind!r}: use one of {', '.join(DATA_KINDS)}")
+    if kind in ("demo", "fake"):
+        raise UserError(f"data.kind={kind} is generated, not stored: it has no files to read")
+    root = _data_root(data_cfg)
+    if kind == "imagenet":
+        folder = root / (data_cfg.train_split if split == "train" else data_cfg.val_split)
+        cache_dir = default_cache_dir(data_cfg.get("index_cache_dir"))
+        refresh = bool(data_cfg.get("refresh_index", False))
+        return FolderDataset(ImageFolderIndex.load_or_scan(folder, cache_dir, refresh=refresh, write=is_main))
+    if kind == "hf":
+        from .hf import open_hf_split  # optional dependency: imported only when asked for
+
+        return open_hf_split(data_cfg, root, split)
+    return _tar_split(data_cfg, root, split, is_main)
+
+
 def build_dataset(data_cfg: Any, split: str, transform: Any, is_main: bool = True) -> _SeededDataset:
-    """The ``split`` ("train" or "val") of the dataset named by ``data.kind``."""
+    """The ``split`` ("train" or "val") of the dataset named by ``data.kind``, its labels checked
+    against ``data.num_classes``, each sample passed through ``transform``."""
     kind = data_cfg.kind
     if kind == "demo":
         return DigitsDataset(split, data_cfg.img_size, data_cfg.get("val_fraction", 0.2), transform)
@@ -184,19 +342,14 @@ def build_dataset(data_cfg: Any, split: str, transform: Any, is_main: bool = Tru
         size = data_cfg.num_train if split == "train" else data_cfg.num_val
         offset = 0 if split == "train" else 10**9
         return FakeDataset(size, data_cfg.img_size, data_cfg.num_classes, transform, offset=offset)
-    if kind == "imagenet":
-        if OmegaConf.is_missing(data_cfg, "root") or data_cfg.root in (None, ""):
-            raise UserError("data.root is not set: pass data.root=/path/to/imagenet (with train/ and val/ inside)")
-        root = Path(data_cfg.root).expanduser()
-        if not root.is_dir():
-            raise UserError(f"dataset root not found: {root}")
-        cache_dir = Path(data_cfg.get("index_cache_dir") or Path.home() / ".cache" / "shufflemamba")
-        index = ImageFolderIndex.load_or_scan(
-            root / split, cache_dir, refresh=bool(data_cfg.get("refresh_index", False)), write=is_main
-        )
-        if len(index.classes) != data_cfg.num_classes:
+    dataset = open_split(data_cfg, split, is_main)
+    if isinstance(dataset, FolderDataset):
+        if dataset.num_classes != data_cfg.num_classes:
             raise UserError(
-                f"{root / split} has {len(index.classes)} class folders but data.num_classes={data_cfg.num_classes}"
+                f"{dataset.index.root} has {dataset.num_classes} class folders but "
+                f"data.num_classes={data_cfg.num_classes}"
             )
-        return FolderDataset(index, transform)
-    raise UserError(f"unknown data.kind {kind!r}: use imagenet, demo or fake")
+    else:
+        _check_labels(dataset.labels, data_cfg.num_classes, dataset.name_of)
+    dataset.transform = transform
+    return dataset

@@ -154,7 +154,7 @@ def test_run_dir_stamp_is_shared_by_ranks_and_restarts(monkeypatch):
         ("sched.name=cosin", "sched.name='cosin' is not a valid choice; use one of: cosine, tanh, step"),
         ("trainer.precision=bf32", "trainer.precision='bf32' is not a valid choice; use one of: auto, bf16"),
         ("optim.name=adamww", "optim.name='adamww' is not a valid choice"),
-        ("data.kind=imagenette", "data.kind='imagenette' is not a valid choice; use one of: imagenet, demo, fake"),
+        ("data.kind=imagenette", "data.kind='imagenette' is not a valid choice; use one of: imagenet, wds, hf, imagenet_tar, demo, fake"),
         (
             "model.scan_backend=trition",
             "model.scan_backend='trition' is not a valid choice; use one of: auto, cuda, triton",
