@@ -68,7 +68,7 @@ if [[ -n "${DRY_RUN:-}" ]]; then  # CPU rehearsal of every command line, at toy 
   TRAIN_ARGS=(model.depth=2 model.embed_dim=32 data.img_size=32 data.num_train=64 data.num_val=32 data.batch_size=16
               trainer.global_batch=16 data.num_workers=2 trainer.epochs=2 trainer.device=cpu trainer.precision=fp32
               model.scan_backend=torch)
-  LOADER_ARGS=(--num-images 200 --workers 2 --batch 16 --batches 5)
+  LOADER_ARGS=(--num-images 200 --workers 2 --batch 16 --batches 5 --rounds 1 --index-shards 4 --index-members 20)
 else
   BENCH_ARGS=(--resolutions 224,512,1024 --batch 128 --steps 10 --warmup 3)
   BENCH_MODELS=vim_small_patch16_224,shufflemamba_base_patch16_224,vmamba_tiny,deit_small_patch16_224,deit_base_patch16_224
@@ -82,13 +82,13 @@ else
   COMPARE_VARIANTS='/cuda-fused$|vmamba_tiny/cuda$'
   TRAIN_ARGS=(data.num_train=1280 data.num_val=256 data.batch_size=128 trainer.global_batch=128 data.num_workers=12
               trainer.epochs=30 trainer.device=cuda trainer.precision=bf16 model.scan_backend=triton)
-  LOADER_ARGS=(--num-images 6000 --workers "$(nproc)" --batch 128 --batches 120)
+  LOADER_ARGS=(--num-images 6000 --workers "$(nproc)" --batch 128 --batches 120 --index-shards 1024)
 fi
 
 [[ -f $RESULTS ]] || printf '# GPU check\n\n| stage | status | seconds |\n|---|---|---|\n' >"$RESULTS"
 : >>"$LOGS"
 declare -A ESTIMATE=([env]=5 [install]=20 [build]=5 [test]=90 [kernels]=170 [bench]=160 [compile]=120 [profile]=30
-                     [train]=90 [compare]=90 [loader]=90)
+                     [train]=90 [compare]=90 [loader]=180)
 
 stage() {  # stage NAME FUNCTION: run FUNCTION if NAME is wanted and fits before the deadline
   local name=$1 fn=$2 status rc begin=$SECONDS

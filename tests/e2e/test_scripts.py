@@ -76,17 +76,20 @@ def test_the_triton_kernels_compile_for_hopper_without_a_gpu():
     assert all(0 < r["registers"] <= 255 for r in rows)
 
 
-def test_loader_benchmark_runs_the_deit_pipeline_on_synthetic_jpegs(tmp_path):
+def test_loader_benchmark_runs_the_deit_pipeline_on_synthetic_jpegs_in_every_format(tmp_path):
     out = tmp_path / "loader.json"
     run_script(
         "scripts/benchmark.py",
         "loader",
         *("--num-images", "24", "--num-classes", "3", "--workers", "1", "--batch", "4", "--batches", "2"),
-        *("--json", str(out)),
+        *("--rounds", "1", "--index-shards", "3", "--index-members", "20", "--json", str(out)),
     )
     result = json.loads(out.read_text())
     assert result["images_per_s"] > 0 and result["batch_shape"] == [4, 3, 224, 224]
     assert 50 < result["mean_jpeg_kb"] < 200  # ImageNet-like file sizes, not tiny or noise-sized
+    assert set(result["formats"]) == {"imagenet", "wds", "hf"}
+    assert all(r["images_per_s"] > 0 and r["batch_shape"] == [4, 3, 224, 224] for r in result["formats"].values())
+    assert result["index"]["samples"] == 60 and result["index"]["cached_load_s"] >= 0
 
 
 def test_plot_metrics_draws_a_png(tmp_path):
