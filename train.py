@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from shufflemamba.config import register_resolvers
-from shufflemamba.errors import NonFiniteLossError, StopRequested, UserError
 
-register_resolvers()
+def _run_stamp() -> str:
+    # Imported when Hydra first resolves the run dir, not before it has parsed the command line:
+    # `--help` and a mistyped key answer without loading torch, timm and the models.
+    from shufflemamba.config import run_stamp
+
+    return run_stamp()
+
+
+OmegaConf.register_new_resolver("run_stamp", _run_stamp, use_cache=True, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
     from shufflemamba.engine.trainer import run_training
+    from shufflemamba.errors import NonFiniteLossError, StopRequested, UserError
 
     try:
         result = run_training(cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -8,7 +8,7 @@ rm -rf "$RUN_DIR"
 start=$(date +%s.%N)
 python train.py experiment=demo hydra.run.dir="$RUN_DIR" trainer.progress_bar=false "$@"
 end=$(date +%s.%N)
-eval_args=()  # eval.py takes the model and data overrides (it composes no trainer / optim / aug)
+eval_args=()  # eval.py takes the model and input from the checkpoint; pass on model / data overrides
 for arg in "$@"; do
   case "${arg#[+~]}" in model*|data*|experiment*) eval_args+=("$arg") ;; esac
 done

@@ -2,7 +2,7 @@
 # Multi-node training under SLURM: one torchrun per node, c10d rendezvous on the first node.
 #   sbatch --nodes=2 scripts/slurm_train.sh experiment=shufflemamba_base_in1k data.root=/data/imagenet
 # Pre-emption: SLURM sends SIGTERM (here 120 s before the time limit); train.py writes last.pt and
-# exits; the job requeues itself and resumes from last.pt (trainer.resume=auto, fixed run dir).
+# exits; the job requeues itself and resumes from last.pt (checkpoint.resume=auto, fixed run dir).
 #SBATCH --job-name=shufflemamba
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
@@ -21,6 +21,6 @@ srun --kill-on-bad-exit=1 torchrun \
   --nnodes="$SLURM_NNODES" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$HEAD:29500" --rdzv-id="$SLURM_JOB_ID" \
   --max-restarts=3 \
-  train.py hydra.run.dir="$RUN_DIR" trainer.resume=auto "$@" &
+  train.py hydra.run.dir="$RUN_DIR" checkpoint.resume=auto "$@" &
 PID=$!
 wait "$PID"

@@ -18,9 +18,9 @@ new component cannot be saved and forgotten on resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,23 +29,20 @@ import torch
 from timm.models import clean_state_dict
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointWriteError
 
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
-_WRAPPER_KEYS = ("model", "state_dict")
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "Stateful",
     "TrainingState",
     "load_for_finetune",
     "load_weights",
+    "pick_weights",
     "read_checkpoint",
     "save_atomic",
-    "select_state_dict",
-    "unwrap_state_dict",
-    "uses_ema",
-    "weights_choice",
 ]
 
 
@@ -71,87 +68,72 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return dict(obj)
 
 
-def uses_ema(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> bool:
-    """Whether :func:`select_state_dict` takes ``model_ema``: required with ``use_ema=True``,
-    never with ``False``, when present with ``None``. Raises when EMA is required but absent."""
-    wrapped = any(k in checkpoint for k in ("model", "model_ema", "state_dict"))
-    has_ema = wrapped and isinstance(checkpoint.get("model_ema"), Mapping) and len(checkpoint["model_ema"]) > 0
-    if use_ema and not has_ema:
-        where = (
-            f"the checkpoint has no 'model_ema' (keys: {sorted(checkpoint)})" if wrapped else "it is a raw state dict"
-        )
-        raise CheckpointError(
-            f"EMA weights asked for but {where}; take the raw ones (eval.ema=false / finetune_ema=false)"
-        )
-    return has_ema and use_ema is not False
+WEIGHT_KEYS = ("model", "state_dict")  # where a weight file may keep its weights: ours / official Vim, DeiT: model
+EMA_KEY = "model_ema"
 
 
-def weights_choice(checkpoint: Mapping[str, Any], use_ema: bool | None) -> bool | None:
-    """``eval.ema`` / ``finetune_ema``: an explicit choice wins; null takes the weights our best.pt
-    was chosen by (its ``best_weights``), else (:func:`uses_ema`) EMA when present."""
+def pick_weights(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> tuple[dict[str, Tensor], str]:
+    """The weights to load from any checkpoint dict, and which they are (``"ema"`` or ``"raw"``).
+
+    ``use_ema`` (``eval.ema`` / ``checkpoint.finetune_ema``): ``True`` requires the EMA weights,
+    ``False`` takes the raw ones, ``None`` takes the weights our best.pt was chosen by (its
+    ``best_weights``), else EMA when present. A dict without a wrapper key is a raw state dict.
+    The DDP / torch.compile prefixes are removed (timm's ``clean_state_dict``).
+    """
+    wrapped = any(k in checkpoint for k in (*WEIGHT_KEYS, EMA_KEY))
+    has_ema = wrapped and isinstance(checkpoint.get(EMA_KEY), Mapping) and len(checkpoint[EMA_KEY]) > 0
     if use_ema is None and checkpoint.get("best_weights") in ("ema", "raw"):
-        return checkpoint["best_weights"] == "ema"
-    return use_ema
-
-
-def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool | None = None) -> dict[str, Tensor]:
-    """Pick the weights from a checkpoint dict (see :func:`uses_ema`); a dict of tensors is
-    taken as a raw state dict."""
-    if uses_ema(checkpoint, use_ema):
-        return dict(checkpoint["model_ema"])
-    if not any(k in checkpoint for k in ("model", "model_ema", "state_dict")):
-        return dict(checkpoint)
-    for key in ("model", "state_dict"):
+        use_ema = checkpoint["best_weights"] == "ema"
+    if use_ema and not has_ema:
+        where = f"it has no {EMA_KEY!r} (keys: {sorted(checkpoint)})" if wrapped else "it is a raw state dict"
+        raise CheckpointError(
+            f"EMA weights asked for but {where}; take the raw ones (eval.ema=false / checkpoint.finetune_ema=false)"
+        )
+    if has_ema and use_ema is not False:
+        return clean_state_dict(dict(checkpoint[EMA_KEY])), "ema"
+    if not wrapped:
+        return clean_state_dict(dict(checkpoint)), "raw"
+    for key in WEIGHT_KEYS:
         if isinstance(checkpoint.get(key), Mapping):
-            return dict(checkpoint[key])
-    raise CheckpointError(f"checkpoint has no 'model' weights (keys: {sorted(checkpoint)})")
+            return clean_state_dict(dict(checkpoint[key])), "raw"
+    wanted = " or ".join(map(repr, WEIGHT_KEYS))
+    raise CheckpointError(f"checkpoint has no {wanted} weights (keys: {sorted(checkpoint)})")
 
 
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-    """``{"model": sd}`` / ``{"state_dict": sd}`` / a raw state dict -> the state dict, with the DDP
-    and torch.compile prefixes removed (timm's ``clean_state_dict``)."""
-    for key in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    return clean_state_dict(dict(checkpoint))
+def convert_for(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Foreign names and shapes -> ``model``'s, by the family's converter
+    (:func:`shufflemamba.models.checkpoint_filter`: position-embedding resize, official names,
+    MambaOut's original names, ...); unchanged for a family without one."""
+    from .models import checkpoint_filter  # the families import nothing of this module
+
+    convert = checkpoint_filter(model)
+    return convert(state_dict, model) if convert is not None else state_dict
 
 
-def filter_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Tensor]:
-    """Unwrapped weights, converted by the model family's ``checkpoint_filter_fn`` when its module
-    has one (ours: pos-embed resize, 1x1-conv weights; timm's: e.g. MambaOut's original names)."""
-    state = unwrap_state_dict(state_dict)
-    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    return convert(state, model) if convert is not None else state
-
-
-def load_weights(
-    model: nn.Module, source: str | os.PathLike | Mapping[str, Any], use_ema: bool | None = None
-) -> dict[str, Any]:
+def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any], use_ema: bool | None = None) -> str:
     """Load weights into ``model`` strictly, resizing the position embedding if needed.
 
-    ``source`` is a path or an already-loaded dict. Returns the full checkpoint dict (so
-    callers can read ``epoch``, ``args``...). Raises :class:`CheckpointError` listing the
-    missing, unexpected and mis-shaped keys when the weights do not fit.
+    ``source`` is a path or an already-loaded dict; returns which weights were taken (``"ema"``
+    or ``"raw"``). Raises :class:`CheckpointError` listing the missing, unexpected and
+    mis-shaped keys when the weights do not fit.
     """
     checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else dict(source)
-    _load_strictly(model, filter_state_dict(select_state_dict(checkpoint, use_ema), model))
-    return checkpoint
+    state, which = pick_weights(checkpoint, use_ema)
+    _load_strictly(model, convert_for(model, state))
+    return which
 
 
 def load_for_finetune(model: nn.Module, source: str | os.PathLike, use_ema: bool | None = None) -> list[str]:
     """Start a new run from any supported weight file: as :func:`load_weights`, except that a
     classifier of another shape (another class count) keeps the model's fresh initialisation.
     Returns what was adapted, for the log (weights taken, position embedding resized, head)."""
-    checkpoint = read_checkpoint(source)
-    use_ema = weights_choice(checkpoint, use_ema)
-    selected = select_state_dict(checkpoint, use_ema)
-    notes = [f"{'EMA' if uses_ema(checkpoint, use_ema) else 'raw'} weights"]
+    state, which = pick_weights(read_checkpoint(source), use_ema)
+    notes = [f"{'EMA' if which == 'ema' else 'raw'} weights"]
     own = model.state_dict()
-    pos = unwrap_state_dict(selected).get("pos_embed")
+    pos = state.get("pos_embed")
     if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
         notes.append(f"position embedding resized {tuple(pos.shape)} -> {tuple(own['pos_embed'].shape)}")
-    state = filter_state_dict(selected, model)
+    state = convert_for(model, state)
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
     head_keys = [k for k in own if isinstance(classifier, str) and k.startswith(f"{classifier}.")]
     changed = [k for k in head_keys if k in state and state[k].shape != own[k].shape]
@@ -184,17 +166,24 @@ def _load_strictly(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in ``path``'s folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """torch.save to a temporary file in ``path``'s folder, fsync, then rename over ``path``.
+
+    A write that fails (disk full, no permission, a vanished mount) leaves ``path`` as it was and
+    no temporary file, and raises :class:`CheckpointWriteError` naming the file and the cause.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as RuntimeError
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise CheckpointWriteError(f"cannot write {path}: {cause}") from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 

@@ -15,6 +15,11 @@ class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permission, a vanished mount): the run stops;
+    the message names the file, the cause and the checkpoint that is intact."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses: the run stops, last.pt untouched since the last good step."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ import timm  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from shufflemamba.config import register_resolvers  # noqa: E402
+from shufflemamba.engine.builders import resolve_input_settings  # noqa: E402
 from shufflemamba.ops import ScanArgs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,25 +105,6 @@ def wait_for_checkpoints(proc: subprocess.Popen, run_dir: Path, count: int = 1, 
     return seen
 
 
-def for_eval(overrides: list[str]) -> list[str]:
-    """The training overrides eval.py takes: the preset, model and data ones (eval.yaml composes
-    no trainer / optim / sched / aug group, so their keys are not settable there)."""
-    return [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in ("experiment", "model", "data")]
-
-
-def evaluate_checkpoint(overrides: list[str], checkpoint: Path, work_dir: Path) -> dict:
-    """Run eval.py on ``checkpoint`` with the evaluation part of these training overrides; its JSON result."""
-    out = work_dir / "eval.json"
-    run_script(
-        "eval.py",
-        *for_eval(overrides),
-        f"checkpoint={checkpoint}",
-        f"output={out}",
-        f"hydra.run.dir={work_dir / 'eval'}",
-    )
-    return json.loads(out.read_text())
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -131,11 +114,6 @@ def _seeded_torch():
     """Every test starts from the same global RNG state: its random inputs (an unseeded randn_like
     gradient, say) then never depend on which tests ran before it, or in what order."""
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def tiny_overrides():
-    return list(TINY)
 
 
 def tiny_vim(name: str = "vim_tiny_patch16_224", **kw):
@@ -249,6 +227,7 @@ def data_cfg(kind: str, root: Path, cache: Path, *overrides: str, img_size: int 
     cfg = compose_cfg(
         "train",
         [
+            "model=vim_tiny_patch16_224",
             f"data={kind}",
             f"data.root={root}",
             "data.num_classes=4",
@@ -258,7 +237,13 @@ def data_cfg(kind: str, root: Path, cache: Path, *overrides: str, img_size: int 
             *overrides,
         ],
     )
+    resolve_input_settings(cfg.data, _meta_model())  # what the model leaves to the data: crop, mean / std
     return cfg.data, cfg.aug
+
+
+@functools.cache
+def _meta_model():
+    return timm.create_model("vim_tiny_patch16_224", device="meta")
 
 
 @pytest.fixture(scope="session")

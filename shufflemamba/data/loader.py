@@ -13,6 +13,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from .samplers import ResumableTrainSampler, ShardedEvalSampler
 
+ERASE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes (aug.remode)
+MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes (aug.mixup_mode)
+
+
+def mixup_active(aug_cfg: Any | None) -> bool:
+    """Whether training mixes images and labels (mixup / cutmix): the one rule for both the batch
+    transform and the loss (soft targets)."""
+    return aug_cfg is not None and (aug_cfg.mixup > 0 or aug_cfg.cutmix > 0 or aug_cfg.cutmix_minmax is not None)
+
 
 def collate_uint8(batch: list[tuple[Any, Any]]) -> tuple[Tensor, Tensor, list[str]]:
     """Stack uint8 CHW images; drop items the dataset could not decode, returning their names."""
@@ -60,7 +69,14 @@ def release_workers(*loaders: DataLoader) -> None:
 
 
 def build_train_loader(
-    dataset: Dataset, data_cfg: Any, aug_cfg: Any, rank: int, world: int, accum_steps: int, seed: int
+    dataset: Dataset,
+    data_cfg: Any,
+    aug_cfg: Any,
+    rank: int,
+    world: int,
+    accum_steps: int,
+    seed: int,
+    max_updates: int | None = None,
 ) -> tuple[DataLoader, ResumableTrainSampler]:
     """The training loader (one micro-batch per item) and its world-size-independent sampler."""
     sampler = ResumableTrainSampler(
@@ -71,6 +87,7 @@ def build_train_loader(
         accum_steps=accum_steps,
         repeats=int(aug_cfg.repeated_aug),
         seed=seed,
+        max_updates=max_updates,
     )
     return _loader(dataset, sampler, int(data_cfg.batch_size), data_cfg, drop_last=True, seed=seed), sampler
 
@@ -93,7 +110,7 @@ class DeviceBatchTransform:
             self.erasing = RandomErasing(
                 aug_cfg.reprob, mode=aug_cfg.remode, max_count=aug_cfg.recount, device=str(device)
             )
-        if aug_cfg is not None and (aug_cfg.mixup > 0 or aug_cfg.cutmix > 0 or aug_cfg.cutmix_minmax is not None):
+        if mixup_active(aug_cfg):
             self.mixup = Mixup(
                 mixup_alpha=aug_cfg.mixup,
                 cutmix_alpha=aug_cfg.cutmix,

@@ -37,6 +37,7 @@ class ResumableTrainSampler(Sampler[tuple[int, int]]):
         accum_steps: int = 1,
         repeats: int = 1,
         seed: int = 0,
+        max_updates: int | None = None,
     ) -> None:
         self.global_batch = micro_batch * world_size * accum_steps
         if dataset_len < self.global_batch:
@@ -49,17 +50,23 @@ class ResumableTrainSampler(Sampler[tuple[int, int]]):
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.repeats, self.seed = max(1, int(repeats)), seed
         self.epoch, self.start_sample = 0, 0
-        self.max_steps: int | None = None  # cap on optimizer steps per epoch (smoke / throughput runs)
+        self.max_updates = max_updates  # cap on optimizer updates per epoch (smoke / throughput runs)
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps left in the epoch from ``start_sample`` (all ranks take the same number)."""
-        steps = (self.dataset_len - self.start_sample) // self.global_batch
-        return steps if self.max_steps is None else max(0, min(steps, self.max_steps - self.steps_done))
+    def updates_per_epoch(self) -> int:
+        """Optimizer updates in a whole epoch (all ranks take the same number)."""
+        updates = self.dataset_len // self.global_batch
+        return updates if self.max_updates is None else min(updates, self.max_updates)
 
     @property
-    def steps_done(self) -> int:
+    def updates_done(self) -> int:
+        """Updates of the epoch already trained before ``start_sample``."""
         return self.start_sample // self.global_batch
+
+    @property
+    def updates_left(self) -> int:
+        """Updates left in the epoch from ``start_sample``."""
+        return max(0, self.updates_per_epoch - self.updates_done)
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         """Select the epoch; ``start_sample`` skips the samples (all ranks together) already trained."""
@@ -83,13 +90,13 @@ class ResumableTrainSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         perm, seeds = self.epoch_order()
-        for i in range(self.steps_per_epoch * self.accum_steps):
+        for i in range(self.updates_left * self.accum_steps):
             start = self.micro_batch_offset(i)
             stop = start + self.micro_batch
             yield from zip(perm[start:stop].tolist(), seeds[start:stop].tolist(), strict=True)
 
     def __len__(self) -> int:
-        return self.steps_per_epoch * self.accum_steps * self.micro_batch
+        return self.updates_left * self.accum_steps * self.micro_batch
 
 
 class ShardedEvalSampler(Sampler[int]):

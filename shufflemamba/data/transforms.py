@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")  # timm's (data.interpolation, aug.interpolation)
 _original_posterize = auto_augment.posterize
 
 
@@ -35,13 +36,12 @@ def install_posterize_fix() -> None:
     auto_augment.posterize = posterize_safe
 
 
-install_posterize_fix()
-
-
 def build_train_transform(data_cfg: Any, aug_cfg: Any):
     """RandomResizedCrop + flip + the aug config's policy -> uint8 CHW tensor: RandAugment
     (``rand-m9-mstd0.5-inc1``, DeiT) or DeiT III's ThreeAugment (timm's ``3a`` policy: one of
-    solarize / grayscale / Gaussian blur per image, then colour jitter)."""
+    solarize / grayscale / Gaussian blur per image, then colour jitter). Installs the posterize
+    fix first: the RandAugment ops bind their function when they are built."""
+    install_posterize_fix()
     return create_transform(
         input_size=data_cfg.img_size,
         is_training=True,

@@ -5,13 +5,16 @@ a step or touches a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import timm
 import torch
 from omegaconf import DictConfig
+from timm.data import resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -20,25 +23,44 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import model_kwargs
 from ..data.datasets import build_dataset
-from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_loader
+from ..data.loader import DeviceBatchTransform, build_eval_loader, build_train_loader, mixup_active
 from ..data.samplers import ResumableTrainSampler
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..errors import UserError
+from ..models.from_config import model_kwargs
 from ..ops import CudaKernelsUnavailable, TritonUnavailable, cuda_kernels_available, describe_scan
+from .batching import BatchPlan, plan_batches
 from .distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 LR_REFERENCE_BATCH = 512  # lr = base_lr x global batch / 512 (DeiT's linear scaling rule)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# timm schedulers that can be stepped per optimizer update (plateau steps on epoch metrics).
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant")
+INPUT_KEYS = ("crop_pct", "interpolation", "mean", "std")  # data settings the model's pretrained_cfg supplies
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype; None means fp32 (no autocast). ``auto``: bf16 on GPU, fp32 on CPU.
-    (The choice itself was checked by :func:`shufflemamba.config.validate`.)"""
+    (The choice itself was checked by :func:`shufflemamba.engine.choices.validate`.)"""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument context factory: autocast to ``precision``'s dtype, or nothing for fp32."""
+    dtype = resolve_precision(precision, device)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    return autocast
 
 
 def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
@@ -57,75 +79,73 @@ def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
     return model
 
 
-def resolve_accumulation(trainer_cfg: DictConfig, micro_batch: int, world_size: int) -> int:
-    """Gradient-accumulation steps: derived from ``trainer.global_batch`` when set (so a recipe's
-    global batch holds on any number of GPUs), else ``trainer.grad_accum_steps``."""
-    accum, global_batch = int(trainer_cfg.grad_accum_steps), trainer_cfg.get("global_batch")
-    if accum < 1:
-        raise UserError("trainer.grad_accum_steps must be >= 1")
-    if global_batch is None:
-        return accum
-    per_micro_step = micro_batch * world_size
-    if global_batch % per_micro_step:
-        per_rank = global_batch / world_size
-        sizes = [d for d in range(1, int(per_rank) + 1) if per_rank == int(per_rank) and int(per_rank) % d == 0]
-        below = max((d for d in sizes if d <= micro_batch), default=None)
-        above = min((d for d in sizes if d > micro_batch), default=None)
-        fix = " or ".join(str(d) for d in (below, above) if d) or f"none (it does not split over {world_size} ranks)"
-        raise UserError(
-            f"trainer.global_batch={global_batch} is not a whole number of micro-batches of data.batch_size="
-            f"{micro_batch} x {world_size} rank(s); nearest valid data.batch_size: {fix}"
-        )
-    derived = global_batch // per_micro_step
-    if accum not in (1, derived):
-        raise UserError(
-            f"trainer.grad_accum_steps={accum} contradicts trainer.global_batch={global_batch} "
-            f"(= {micro_batch} x {world_size} rank(s) x {derived}): set only trainer.global_batch"
-        )
-    return derived
+def resolve_input_settings(data_cfg: DictConfig, model: nn.Module) -> None:
+    """Fill the data settings left null (eval crop, resize interpolation, mean / std) from the
+    model's ``pretrained_cfg`` through timm's ``resolve_data_config``, as timm's scripts do; what
+    the config sets wins. Written back into ``data_cfg``, so the saved config says what ran."""
+    given = {key: data_cfg.get(key) for key in INPUT_KEYS}
+    resolved = resolve_data_config({**given, "input_size": (3, data_cfg.img_size, data_cfg.img_size)}, model=model)
+    for key in INPUT_KEYS:
+        if given[key] is None:
+            value = resolved[key]
+            data_cfg[key] = list(value) if isinstance(value, tuple) else value
 
 
 @dataclass
 class TrainData:
-    """The loaders and on-device batch transforms of a training run."""
+    """The loaders and on-device batch transforms of a training run, and its batch plan."""
 
+    plan: BatchPlan
     train_loader: DataLoader
     train_sampler: ResumableTrainSampler
     val_loader: DataLoader
     train_transform: DeviceBatchTransform  # normalise, erase, mix
     eval_transform: DeviceBatchTransform  # normalise only
-    updates_per_epoch: int
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.train_sampler.updates_per_epoch
 
 
-def build_train_data(cfg: DictConfig, dist: DistInfo, accum_steps: int) -> TrainData:
-    """Datasets, loaders and batch transforms; rank 0 builds the cached file index first."""
+def build_val_data(
+    cfg: DictConfig, dist: DistInfo, batch_size: int | None = None
+) -> tuple[DataLoader, DeviceBatchTransform]:
+    """The validation loader (every image on exactly one rank) and its normalising transform;
+    the same for the evaluation during training and for eval.py."""
+    dataset = build_dataset(cfg.data, "val", build_eval_transform(cfg.data), is_main=dist.is_main)
+    loader = build_eval_loader(dataset, cfg.data, dist.rank, dist.world_size, batch_size)
+    return loader, DeviceBatchTransform(cfg.data, None, dist.device, cfg.data.num_classes)
+
+
+def build_train_data(cfg: DictConfig, dist: DistInfo) -> TrainData:
+    """Datasets, loaders, batch transforms and the batch plan; rank 0 builds the cached index
+    first, the other ranks read it."""
     tcfg = cfg.trainer
+    plan = plan_batches(tcfg, int(cfg.data.batch_size), dist.world_size)
     if not dist.is_main:
         barrier()
     train_set = build_dataset(cfg.data, "train", build_train_transform(cfg.data, cfg.aug), is_main=dist.is_main)
-    val_set = build_dataset(cfg.data, "val", build_eval_transform(cfg.data), is_main=dist.is_main)
+    val_loader, eval_transform = build_val_data(cfg, dist)
     if dist.is_main:
         barrier()
     train_loader, sampler = build_train_loader(
-        train_set, cfg.data, cfg.aug, dist.rank, dist.world_size, accum_steps, tcfg.seed
-    )
-    if tcfg.max_steps_per_epoch:
-        sampler.max_steps = int(tcfg.max_steps_per_epoch)
-    num_classes = cfg.data.num_classes
+        train_set, cfg.data, cfg.aug, dist.rank, dist.world_size, plan.accum_steps, tcfg.seed,
+        max_updates=tcfg.max_steps_per_epoch,
+    )  # fmt: skip
     return TrainData(
+        plan=plan,
         train_loader=train_loader,
         train_sampler=sampler,
-        val_loader=build_eval_loader(val_set, cfg.data, dist.rank, dist.world_size),
-        train_transform=DeviceBatchTransform(cfg.data, cfg.aug, dist.device, num_classes),
-        eval_transform=DeviceBatchTransform(cfg.data, None, dist.device, num_classes),
-        updates_per_epoch=sampler.steps_per_epoch,
+        val_loader=val_loader,
+        train_transform=DeviceBatchTransform(cfg.data, cfg.aug, dist.device, cfg.data.num_classes),
+        eval_transform=eval_transform,
     )
 
 
-def build_criterion(aug_cfg: DictConfig, mixes_labels: bool) -> nn.Module:
+def build_criterion(aug_cfg: DictConfig) -> nn.Module:
     """Soft-target CE when mixup/cutmix produce soft labels (smoothing is folded into them),
     else label-smoothing CE, else plain CE."""
-    if mixes_labels:
+    if mixup_active(aug_cfg):
         return SoftTargetCrossEntropy()
     if aug_cfg.smoothing > 0:
         return LabelSmoothingCrossEntropy(aug_cfg.smoothing)

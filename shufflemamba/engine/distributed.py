@@ -12,6 +12,8 @@ from torch import Tensor
 
 from ..errors import UserError
 
+DEVICES = ("auto", "cpu", "cuda")  # trainer.device / eval.device
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -16,17 +16,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from ..checkpoint import load_weights, read_checkpoint, uses_ema, weights_choice
-from ..config import validate
-from ..data.datasets import build_dataset
-from ..data.loader import DeviceBatchTransform, build_eval_loader, release_workers
-from ..data.transforms import build_eval_transform
+from ..checkpoint import load_weights, read_checkpoint
+from ..data.loader import DeviceBatchTransform, release_workers
 from ..errors import CheckpointError, UserError
 from . import distributed as D
-from .builders import build_model, resolve_precision
+from .builders import autocast_factory, build_model, build_val_data, resolve_input_settings
+from .choices import validate
 from .tracking import setup_logging
 
 log = logging.getLogger("shufflemamba")
@@ -78,37 +77,69 @@ def evaluate(
     }
 
 
-def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """eval.py: load ``cfg.checkpoint`` into ``cfg.model`` and score it on ``cfg.data``'s val split."""
-    validate(cfg)
+# What a checkpoint's own config decides for eval.py unless the command line says otherwise:
+# the model, and the input it was trained on.
+INPUT_KEYS = ("img_size", "num_classes", "crop_pct", "interpolation", "mean", "std")
+
+
+def adopt_checkpoint_config(cfg: DictConfig, saved: dict[str, Any], command_line: list[str]) -> list[str]:
+    """Take the model and its input settings from the config a checkpoint was trained with
+    (``saved``), then the command line's ``model.*`` / ``data.*`` overrides on top; a ``model=``
+    choice on the command line keeps that model config instead. Returns what was taken."""
+    overrides = OverridesParser.create().parse_overrides(command_line)
+    given = {o.key_or_group.lstrip("+~") for o in overrides}
+    taken = []
+    with open_dict(cfg):
+        if "model" not in given and isinstance(saved.get("model"), dict):
+            model = {k: v for k, v in saved["model"].items() if k != "crop_pct"}  # crop_pct: older configs
+            links = OmegaConf.to_container(cfg.model, resolve=False)
+            for key, value in links.items():  # img_size: ${data.img_size} and the like stay links to data.*
+                if key in model and isinstance(value, str) and value.startswith("${data."):
+                    model[key] = value
+            cfg.model = OmegaConf.create(model)
+            for o in overrides:
+                if o.key_or_group.lstrip("+").startswith("model.") and not o.is_delete():
+                    OmegaConf.update(cfg, o.key_or_group.lstrip("+"), o.value(), force_add=True)
+            taken.append(f"model {cfg.model.name}")
+        for key in INPUT_KEYS:
+            if f"data.{key}" not in given and key in saved.get("data", {}):
+                cfg.data[key] = saved["data"][key]
+                taken.append(f"data.{key}={saved['data'][key]}")
+    return taken
+
+
+def run_eval(cfg: DictConfig, command_line: list[str] | None = None) -> dict[str, Any]:
+    """eval.py: load ``cfg.checkpoint`` and score it on ``cfg.data``'s val split. The model and its
+    input settings come from the checkpoint's config when it has one (ours), with
+    ``command_line``'s overrides on top; official files use ``cfg.model`` / ``cfg.data``."""
+    validate(cfg)  # the command line's choices, before anything starts
     dist_info = D.init_distributed(cfg.eval.device)
     setup_logging(None, dist_info.is_main)
     try:
-        if OmegaConf.is_missing(cfg, "checkpoint"):
+        path = cfg.get("checkpoint") if not OmegaConf.is_missing(cfg, "checkpoint") else None
+        if not isinstance(path, str) or not path:
             raise UserError("checkpoint is not set: pass checkpoint=/path/to/best.pt")
-        checkpoint = read_checkpoint(cfg.checkpoint)
-        use_ema = weights_choice(checkpoint, cfg.eval.ema)
+        checkpoint = read_checkpoint(path)
+        if isinstance(checkpoint.get("config"), dict):
+            taken = adopt_checkpoint_config(cfg, checkpoint["config"], command_line or [])
+            log.info("from the checkpoint's config: %s", ", ".join(taken))
+            validate(cfg)
         model = build_model(cfg, dist_info.device)
+        resolve_input_settings(cfg.data, model)
         try:
-            load_weights(model, checkpoint, use_ema=use_ema)
+            weights = load_weights(model, checkpoint, use_ema=cfg.eval.ema)
         except CheckpointError as exc:
-            raise CheckpointError(f"{cfg.checkpoint}: {exc}") from None
-        dataset = build_dataset(cfg.data, "val", build_eval_transform(cfg.data), is_main=dist_info.is_main)
-        loader = build_eval_loader(dataset, cfg.data, dist_info.rank, dist_info.world_size, cfg.eval.batch_size)
-        transform = DeviceBatchTransform(cfg.data, None, dist_info.device, cfg.data.num_classes)
-        amp = resolve_precision(cfg.eval.precision, dist_info.device)
-
-        def autocast():
-            return torch.autocast(dist_info.device.type, dtype=amp, enabled=amp is not None)
-
+            raise CheckpointError(f"{path}: {exc}") from None
+        loader, transform = build_val_data(cfg, dist_info, cfg.eval.batch_size)
+        autocast = autocast_factory(cfg.eval.precision, dist_info.device)
         try:
             result = evaluate(model, loader, transform, autocast, dist_info.device)
         finally:
             release_workers(loader)
         result.pop("correct1")
         result.update(
-            checkpoint=str(cfg.checkpoint),
-            weights="ema" if uses_ema(checkpoint, use_ema) else "raw",
+            checkpoint=str(path),
+            weights=weights,
             model=cfg.model.name,
             img_size=cfg.data.img_size,
             crop_pct=cfg.data.crop_pct,

@@ -10,22 +10,33 @@ from typing import Any
 
 log = logging.getLogger("shufflemamba")
 
+LOGGER_KINDS = ("none", "wandb")
+LOGGER_MODES = ("online", "offline", "disabled")  # wandb's
+
+
+_OUR_HANDLERS: list[logging.Handler] = []
+
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
-    """Rank 0 logs INFO to the console and ``train.log``; other ranks only warnings."""
+    """Rank 0 logs INFO to the console and ``train.log``; other ranks only warnings. Replaces
+    the handlers a previous call installed and leaves everyone else's (a host program's, pytest's)."""
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    while _OUR_HANDLERS:
+        handler = _OUR_HANDLERS.pop()
+        root.removeHandler(handler)
+        handler.close()
     fmt = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
-    root.addHandler(console)
+    _OUR_HANDLERS.append(console)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     if run_dir is not None and is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(run_dir / "train.log")
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setFormatter(fmt)
+        _OUR_HANDLERS.append(file_handler)
+    for handler in _OUR_HANDLERS:
+        root.addHandler(handler)
 
 
 class MetricsWriter:

@@ -1,11 +1,13 @@
-"""The training run: built from the config, it owns the epochs, the step, evaluation and its
-checkpoints (torchtitan's Trainer shape; DeiT's main.py + engine.py, made resumable).
+"""The training run: built from the config, it owns the epochs and the step (torchtitan's
+Trainer shape; DeiT's main.py + engine.py, made resumable).
 
-Every line of a step is in :meth:`Trainer.train_epoch`: device-side augmentation, autocast,
-accumulation, the cross-rank agreement on non-finite losses and stop requests (one collective
-and one host sync per update), clipping, the scaler, the optimizer, EMA, the per-update lr,
-logging and periodic checkpoints. What a run resumes from is declared once, in
-:meth:`Trainer._training_state`.
+Read it top to bottom: :meth:`Trainer.micro_step` is one micro-batch (device-side augmentation,
+autocast, forward, loss, backward), :meth:`Trainer.update` is one optimizer update (the
+cross-rank agreement on non-finite losses and stop requests, clipping, the scaler, the
+optimizer, EMA, the lr), :meth:`Trainer.train_epoch` is the loop between them, with the log
+window (:class:`~shufflemamba.engine.log_window.LogWindow`) and the checkpoint manager
+(:class:`~shufflemamba.engine.checkpointing.CheckpointManager`) asked at the update boundaries.
+What a run resumes from is declared once, in :meth:`Trainer._training_state`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import logging
 import os
 import signal
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +27,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import TrainingState, load_for_finetune
-from ..config import to_plain, validate
+from ..checkpoint import TrainingState
+from ..config import to_plain
 from ..data.loader import release_workers
 from ..errors import CheckpointError, NonFiniteLossError, StopRequested, UserError
 from ..ops import describe_scan
 from ..rng import capture_rng, keyed_rng, restore_rng, seed_all
 from . import distributed as D
 from .builders import (
+    autocast_factory,
     build_criterion,
     build_ema,
     build_model,
     build_optimizer,
     build_scheduler,
     build_train_data,
-    resolve_accumulation,
-    resolve_precision,
+    resolve_input_settings,
     scaled_lr,
 )
+from .checkpointing import CheckpointManager
+from .choices import validate
 from .evaluator import evaluate
+from .log_window import EpochStats, LogWindow
 from .tracking import MetricsWriter, setup_logging, start_wandb, upload_artifact
 
 log = logging.getLogger("shufflemamba")
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
 
 @dataclass
@@ -67,6 +72,9 @@ class RunProgress:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = sorted(set(state) - {f.name for f in fields(self)})
+        if unknown:
+            raise CheckpointError(f"the checkpoint's progress has entries this version does not know: {unknown}")
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -95,15 +103,6 @@ class RankGenerators:
             )
 
 
-@dataclass
-class EpochStats:
-    loss: float  # mean finite training loss over the epoch's micro-batches (all ranks)
-    images_per_sec: float
-    seconds: float
-    skipped_images: int
-    skipped_batches: int  # micro-batches in which no image could be decoded
-
-
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
@@ -114,10 +113,9 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         validate(cfg)
-        if cfg.get("finetune_required") and not cfg.get("finetune"):
-            raise UserError("finetune is not set: this preset fine-tunes a checkpoint; pass finetune=PATH")
+        if cfg.checkpoint.finetune_required and not cfg.checkpoint.finetune:
+            raise UserError("checkpoint.finetune is not set: this preset fine-tunes a checkpoint; pass it the PATH")
         self.cfg, self.run_dir = cfg, run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
         self.dist = D.init_distributed(cfg.trainer.device)
         setup_logging(run_dir, self.dist.is_main)
         tcfg = cfg.trainer
@@ -126,46 +124,51 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         seed_all(tcfg.seed + self.dist.rank)  # ranks draw independently (drop path, shuffle)
-        self.amp_dtype = resolve_precision(tcfg.precision, self.dist.device)
-        self.accum_steps = resolve_accumulation(tcfg, cfg.data.batch_size, self.dist.world_size)
+        self.autocast = autocast_factory(tcfg.precision, self.dist.device)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=tcfg.precision == "fp16")
 
-        # model first: its config errors surface before any data is read (building the data draws no RNG)
-        self.model = build_model(cfg, self.dist.device)
-        self._finetune_from(cfg.get("finetune"), cfg.get("finetune_ema"))
+        # The order below is the dependencies, passed along as values:
+        # 1. the model, its start weights (a fine-tuning source), then the EMA copied from them;
+        #    the model first, so config errors surface before any data is read.
+        model = build_model(cfg, self.dist.device)
+        resolve_input_settings(cfg.data, model)  # crop / interpolation / mean / std the data leaves to the model
+        self.config_plain = to_plain(cfg)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, run_dir, self.dist, self.config_plain)
+        self.model = self.checkpoints.start_weights(model)
         if tcfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.data = build_train_data(cfg, self.dist, self.accum_steps)
-        self.criterion = build_criterion(cfg.aug, mixes_labels=self.data.train_transform.mixup is not None)
-        self.global_batch = cfg.data.batch_size * self.dist.world_size * self.accum_steps
-        self.lr = scaled_lr(cfg.optim, self.global_batch)
+        self.ema = build_ema(tcfg, self.model)
+        # 2. the data, and the batch plan it fixes (global batch -> lr, updates per epoch -> schedule)
+        self.data = build_train_data(cfg, self.dist)
+        self.plan = self.data.plan
+        self.criterion = build_criterion(cfg.aug)
+        self.lr = scaled_lr(cfg.optim, self.plan.global_batch)
         self.optimizer = build_optimizer(cfg.optim, self.model, self.lr)
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, tcfg.epochs, self.data.updates_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = build_ema(tcfg, self.model)
-
-        self.train_model: Any = self.model
-        if self.dist.distributed:
-            self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None
-            )
-        if tcfg.compile:
-            self.train_model = torch.compile(self.train_model)
-
-        self.progress = RunProgress(global_batch=self.global_batch)
-        self.consecutive_nonfinite = 0
-        self.stop_requested = False
-        self.config_plain = to_plain(cfg)
+        self.train_model = self._wrap(self.model)
+        # 3. every component exists: restore them all from the run's own checkpoint, if any
+        self.progress = RunProgress(global_batch=self.plan.global_batch)
         self.state = self._training_state()
-        self._resume()
-
+        if self.checkpoints.resume(self.state, self.progress, self.plan.global_batch):
+            self.scheduler.step_update(num_updates=self.progress.global_step)
+        # 4. tracking, which continues the resumed run's wandb run
         self.wandb = None
         if self.dist.is_main:
             self.wandb = start_wandb(cfg.logger, run_dir, self.config_plain, self.progress.wandb_run_id)
         if self.wandb is not None:
             self.progress.wandb_run_id = self.wandb.id
         self.metrics = MetricsWriter(run_dir, self.dist.world_size, self.dist.is_main, self.wandb)
+        self.consecutive_nonfinite = 0
+        self.stop_requested = False
 
-    # ---- checkpoints ----------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> Any:
+        """The module the step calls: DDP across ranks, compiled with ``trainer.compile``."""
+        wrapped: Any = model
+        if self.dist.distributed:
+            device_ids = [self.dist.local_rank] if self.dist.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        return torch.compile(wrapped) if self.cfg.trainer.compile else wrapped
+
     def _training_state(self) -> TrainingState:
         """The one declaration of what a checkpoint saves and a resume restores."""
         components: dict[str, Any] = {"model": self.model}
@@ -181,98 +184,62 @@ class Trainer:
         return TrainingState(components)
 
     def best_source(self) -> str:
-        """Which weights' val top-1 picks best.pt (and which eval.py scores by default)."""
-        return "ema" if (self.cfg.trainer.best_by == "ema" and self.ema is not None) else "raw"
+        return self.checkpoints.best_source(has_ema=self.ema is not None)
 
     def save_checkpoint(self, best: bool = False) -> None:
-        """last.pt (and best.pt) at the current progress; a collective: every rank calls it."""
-        paths = []
-        if self.dist.is_main:
-            paths = [self.ckpt_dir / "last.pt"] + ([self.ckpt_dir / "best.pt"] if best else [])
-        self.state.save(paths, best_weights=self.best_source(), config=self.config_plain)
-        D.barrier()
-
-    def _resume_path(self) -> Path | None:
-        """The checkpoint this run continues from: ``trainer.resume`` (auto: last.pt of the run dir)."""
-        resume = self.cfg.trainer.resume
-        if resume in (None, "", "null", False):
-            return None
-        path = self.ckpt_dir / "last.pt" if resume == "auto" else Path(resume)
-        if not path.is_file():
-            if resume != "auto":
-                raise UserError(f"trainer.resume: checkpoint not found: {path}")
-            return None
-        return path
-
-    def _finetune_from(self, source: str | None, use_ema: bool | None) -> None:
-        """``finetune=PATH``: a new run starting from those weights (the optimizer, schedule and
-        epoch start afresh; EMA starts from them). A run that has its own last.pt resumes it
-        instead, so a pre-empted fine-tune continues where it stopped."""
-        if not source:
-            return
-        if self._resume_path() is not None:
-            log.info("finetune=%s: not loaded, the run resumes from its own checkpoint", source)
-            return
-        if not Path(source).is_file():
-            raise UserError(f"finetune: checkpoint not found: {source}")
-        try:
-            notes = load_for_finetune(self.model, source, use_ema)
-        except CheckpointError as exc:
-            raise CheckpointError(f"finetune={source}: {exc}") from None
-        log.info("fine-tuning from %s: %s", source, "; ".join(notes))
-
-    def _resume(self) -> None:
-        path = self._resume_path()
-        if path is None:
-            return
-        self.state.load(path)
-        p = self.progress
-        if p.global_batch != self.global_batch:
-            if not self.cfg.trainer.allow_global_batch_change:
-                raise UserError(
-                    f"{path} was trained with a global batch of {p.global_batch}, this run has {self.global_batch} "
-                    f"(data.batch_size x world size x accumulation): keep trainer.global_batch={p.global_batch}, "
-                    f"or set trainer.allow_global_batch_change=true to continue with the new one"
-                )
-            log.warning(
-                "global batch %d -> %d: the epoch continues at sample %d",
-                p.global_batch,
-                self.global_batch,
-                p.sample_in_epoch,
-            )
-            p.global_batch = self.global_batch
-        self.scheduler.step_update(num_updates=p.global_step)
-        log.info(
-            "resumed from %s: epoch %d, sample %d, update %d (world size %d)",
-            path,
-            p.epoch,
-            p.sample_in_epoch,
-            p.global_step,
-            self.dist.world_size,
-        )
+        self.checkpoints.save(self.state, self.progress.global_step, self.best_source(), best=best)
 
     # ---- the step -------------------------------------------------------------------------
     def _blank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A micro-batch of black images (uint8, as the loader gives them) to stand in for one
         whose images all failed to decode; its loss is weighted zero."""
-        size, batch = int(self.cfg.data.img_size), int(self.cfg.data.batch_size)
+        size, batch = int(self.cfg.data.img_size), self.plan.micro_batch
         return torch.zeros(batch, 3, size, size, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+    def micro_step(
+        self, images: torch.Tensor, labels: torch.Tensor, sync: bool, blank: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one (already augmented) micro-batch; gradients accumulate.
+        DDP's all-reduce runs only with ``sync`` (the update's last micro-batch). Returns the
+        detached loss and whether it is finite, both on the device (no host sync)."""
+        model = self.train_model
+        no_sync = model.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with self.autocast():
+                loss = self.criterion(model(images), labels)
+            if blank:
+                loss = loss * 0.0
+            self.scaler.scale(loss / self.plan.accum_steps).backward()
+        loss = loss.detach()
+        return loss, torch.isfinite(loss)
 
-    def _progress_bar(self, total: int, initial: int, desc: str) -> tqdm:
-        enabled = self.dist.is_main and self.cfg.trainer.progress_bar and sys.stderr.isatty()
-        return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    def update(self, any_nonfinite: torch.Tensor, has_images: bool) -> bool:
+        """One optimizer update, agreed by all ranks in one collective (one host sync): a
+        non-finite loss on any rank skips it everywhere, and so does an update with no decodable
+        image on any rank. Returns whether some rank asked to stop."""
+        flags = torch.tensor([self.stop_requested, has_images], device=self.dist.device)
+        nonfinite, stop, any_images = D.any_rank(torch.cat([any_nonfinite.view(1), flags]), self.dist.device)
+        if nonfinite:
+            self._skip_nonfinite_update()
+        elif not any_images:
+            self.optimizer.zero_grad(set_to_none=True)
+            log.warning("update %d: no decodable image on any rank; step skipped", self.progress.global_step)
+        else:
+            self.consecutive_nonfinite = 0
+            clip = self.cfg.trainer.clip_grad
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.progress.global_step)
+        self.progress.global_step += 1
+        self.scheduler.step_update(num_updates=self.progress.global_step)
+        return stop
 
-    def request_stop(self, signum: int, _frame: Any) -> None:
-        log.warning("received signal %d: will checkpoint at the next step and exit", signum)
-        self.stop_requested = True
-
-    def _skip_update(self) -> None:
-        """A non-finite loss on some rank: drop this update's gradients everywhere."""
+    def _skip_nonfinite_update(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.nonfinite_steps += 1
         self.consecutive_nonfinite += 1
@@ -285,142 +252,84 @@ class Trainer:
         if self.consecutive_nonfinite >= self.cfg.trainer.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} consecutive non-finite losses; stopping. The last good "
-                f"checkpoint is {self.ckpt_dir / 'last.pt'} (try a lower lr, trainer.clip_grad, or bf16 over fp16)"
+                f"checkpoint is {self.checkpoints.last} (try a lower lr, trainer.clip_grad, or bf16 over fp16)"
             )
 
-    def _apply_update(self) -> None:
-        self.consecutive_nonfinite = 0
-        clip = self.cfg.trainer.clip_grad
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.progress.global_step)
+    def request_stop(self, signum: int, _frame: Any) -> None:
+        log.warning("received signal %d: will checkpoint at the next step and exit", signum)
+        self.stop_requested = True
+
+    def _progress_bar(self, total: int, initial: int, desc: str) -> tqdm:
+        enabled = self.dist.is_main and self.cfg.trainer.progress_bar and sys.stderr.isatty()
+        return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
     def train_epoch(self, epoch: int, start_sample: int) -> EpochStats:
-        """Train ``epoch`` from sample ``start_sample`` of its global order; checkpoints every
-        ``trainer.checkpoint_every_steps`` updates and, on a stop request, checkpoints and raises
+        """Train ``epoch`` from sample ``start_sample`` of its global order; a checkpoint every
+        ``checkpoint.every_steps`` updates and, on a stop request, a checkpoint and
         :class:`StopRequested`."""
-        tcfg, device, model = self.cfg.trainer, self.dist.device, self.train_model
-        sampler, accum = self.data.train_sampler, self.accum_steps
-        model.train()
+        tcfg, sampler, accum = self.cfg.trainer, self.data.train_sampler, self.plan.accum_steps
+        self.train_model.train()
         sampler.set_epoch(epoch, start_sample)
-        updates = sampler.steps_per_epoch
-        batches = updates * accum
-        # Device-side accumulators: nothing in a micro-batch waits for the host.
-        window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite count (log window)
-        epoch_sums = torch.zeros(2, dtype=torch.float64, device=device)  # the same over the epoch
-        bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in this update
-        skipped_images, skipped_batches, epoch_images = 0, 0, 0
-        has_images = False  # a decodable image in this update's micro-batches (on this rank)
-        window_start = epoch_start = time.perf_counter()
-        window_images = 0
-        done = sampler.steps_done * accum
-        bar = self._progress_bar(done + batches, done, f"epoch {epoch}")
+        micro_batches = sampler.updates_left * accum
+        window = LogWindow(self.dist.device, self.dist.world_size)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)  # in this update, on this rank
+        has_images = False  # a decodable image in this update's micro-batches, on this rank
+        bar = self._progress_bar(sampler.updates_done * accum + micro_batches, sampler.updates_done * accum,
+                                 f"epoch {epoch}")  # fmt: skip
 
-        for batch_idx, (images, labels, failed) in enumerate(self.data.train_loader):
+        for i, (images, labels, failed) in enumerate(self.data.train_loader):
             for name in failed:
                 log.warning("skipped undecodable image: %s", name)
-            skipped_images += len(failed)
-            empty = images.shape[0] == 0
-            if empty:
+            blank = images.shape[0] == 0
+            window.skipped(len(failed), int(blank))
+            if blank:
                 # Every image of this micro-batch failed to decode. It still runs, on a blank
                 # stand-in with zero weight: a rank that skipped its backward would leave the
                 # others waiting in DDP's gradient all-reduce.
-                skipped_batches += 1
-                log.warning("epoch %d, micro-batch %d: no decodable image; skipped", epoch, batch_idx)
+                log.warning("epoch %d, micro-batch %d: no decodable image; skipped", epoch, i)
                 images, labels = self._blank_batch()
-            has_images |= not empty
+            has_images |= not blank
             # Erasing / mixup draws are keyed by the micro-batch's place in the epoch's global
             # order, so they are the same whichever rank (and world size) computes it.
-            with keyed_rng(tcfg.seed, epoch, sampler.micro_batch_offset(batch_idx)):
+            with keyed_rng(tcfg.seed, epoch, sampler.micro_batch_offset(i)):
                 images, labels = self.data.train_transform(images, labels)
-            is_update = (batch_idx + 1) % accum == 0
-            no_sync = model.no_sync() if (self.dist.distributed and not is_update) else contextlib.nullcontext()
-            weight = 0.0 if empty else 1.0
-            with no_sync:
-                with self.autocast():
-                    loss = self.criterion(model(images), labels)
-                if empty:
-                    loss = loss * 0.0
-                finite = torch.isfinite(loss.detach())
-                bad |= ~finite
-                self.scaler.scale(loss / accum).backward()
-            window += torch.stack([torch.where(finite, loss.detach().double(), 0.0), finite.double() * weight])
-            window_images += 0 if empty else images.shape[0]
-            if not is_update:
+            sync = (i + 1) % accum == 0
+            loss, finite = self.micro_step(images, labels, sync=sync, blank=blank)
+            nonfinite |= ~finite
+            window.add(loss, finite, 0 if blank else images.shape[0], counts=not blank)
+            if not sync:
                 continue
 
-            # One collective, one host sync per update: any rank's NaN skips the step everywhere,
-            # and so does an update without a single decodable image on any rank.
-            flags = torch.tensor([self.stop_requested, has_images], device=device)
-            any_bad, stop, any_images = D.any_rank(torch.cat([bad.view(1), flags]), device)
-            bad.zero_()
+            stop = self.update(nonfinite, has_images)
+            nonfinite.zero_()
             has_images = False
-            if any_bad:
-                self._skip_update()
-            elif not any_images:
-                self.optimizer.zero_grad(set_to_none=True)
-                log.warning("update %d: no decodable image on any rank; step skipped", self.progress.global_step)
-            else:
-                self._apply_update()
-            self.progress.global_step += 1
-            self.scheduler.step_update(num_updates=self.progress.global_step)
-
-            if self.progress.global_step % tcfg.log_every_steps == 0 or batch_idx + 1 == batches:
-                elapsed = time.perf_counter() - window_start
-                loss_sum, count = D.all_reduce_sum(window, device)
-                epoch_sums += window
-                img_s = window_images * self.dist.world_size / max(elapsed, 1e-9)
-                row = {
-                    "split": "train",
-                    "epoch": epoch,
-                    "step": self.progress.global_step,
-                    "loss": loss_sum / max(count, 1),
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "img_per_sec": img_s,
-                    "nonfinite_steps": self.progress.nonfinite_steps,
-                }
+            if self.progress.global_step % tcfg.log_every_steps == 0 or i + 1 == micro_batches:
+                row = window.row(epoch=epoch, step=self.progress.global_step, lr=self.optimizer.param_groups[0]["lr"],
+                                 nonfinite_steps=self.progress.nonfinite_steps)  # fmt: skip
                 self.metrics.write(row, step=self.progress.global_step)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{img_s:.0f}")
-                window.zero_()
-                epoch_images += window_images
-                window_start, window_images = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_sec']:.0f}")
             bar.update(accum)
-
-            every = tcfg.checkpoint_every_steps
-            if stop or (every and self.progress.global_step % every == 0 and self.consecutive_nonfinite == 0):
-                trained = start_sample + (batch_idx + 1) // accum * self.global_batch
+            if stop or (self.checkpoints.due(self.progress.global_step) and self.consecutive_nonfinite == 0):
+                trained = start_sample + (i + 1) // accum * self.plan.global_batch
                 self.progress.epoch, self.progress.sample_in_epoch = epoch, trained
                 self.save_checkpoint()
             if stop:
                 bar.close()
                 raise StopRequested(f"stop requested: checkpoint written at epoch {epoch}, sample {trained}")
         bar.close()
-        seconds = time.perf_counter() - epoch_start
-        skips = torch.tensor([float(skipped_images), float(skipped_batches)], dtype=torch.float64, device=device)
-        loss_sum, count, skipped, skipped_batches = D.all_reduce_sum(torch.cat([epoch_sums, skips]), device)
-        if skipped:
+        stats = window.epoch_stats()
+        if stats.skipped_images:
             log.warning(
                 "epoch %d: %d undecodable images skipped (%d micro-batches left empty)",
                 epoch,
-                int(skipped),
-                int(skipped_batches),
+                stats.skipped_images,
+                stats.skipped_batches,
             )
-        return EpochStats(
-            loss=loss_sum / max(count, 1),
-            images_per_sec=epoch_images * self.dist.world_size / max(seconds, 1e-9),
-            seconds=seconds,
-            skipped_images=int(skipped),
-            skipped_batches=int(skipped_batches),
-        )
+        return stats
 
     # ---- the run --------------------------------------------------------------------------
     def _log_setup(self) -> None:
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.plan
         n_params = sum(p.numel() for p in self.model.parameters())
         OmegaConf.save(OmegaConf.create(self.config_plain), self.run_dir / "config.yaml")
         log.info("run dir %s", self.run_dir.resolve())
@@ -428,19 +337,19 @@ class Trainer:
             "model %s: %.2fM params | world %d x batch %d x accum %d = global batch %d | lr %.3g (base %.3g)",
             cfg.model.name,
             n_params / 1e6,
-            self.dist.world_size,
-            cfg.data.batch_size,
-            self.accum_steps,
-            self.global_batch,
+            plan.world_size,
+            plan.micro_batch,
+            plan.accum_steps,
+            plan.global_batch,
             self.lr,
             cfg.optim.base_lr,
         )
         self.metrics.write(
             {
                 "split": "setup",
-                "global_batch": self.global_batch,
-                "batch_size": cfg.data.batch_size,
-                "accum_steps": self.accum_steps,
+                "global_batch": plan.global_batch,
+                "batch_size": plan.micro_batch,
+                "accum_steps": plan.accum_steps,
                 "lr": self.lr,
                 "params": n_params,
                 "updates_per_epoch": self.data.updates_per_epoch,
@@ -448,33 +357,42 @@ class Trainer:
             }
         )
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM / SIGINT / SIGUSR1 ask for a checkpoint and a clean stop while training; the
+        previous handlers are back afterwards."""
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def fit(self) -> dict[str, Any]:
         tcfg = self.cfg.trainer
         if self.dist.is_main:
             self._log_setup()
-        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", signal.SIGTERM)):
-            signal.signal(sig, self.request_stop)
-
         last_eval: dict[str, Any] = {}
         first_epoch, epoch_seconds = self.progress.epoch, []
-        for epoch in range(first_epoch, tcfg.epochs):
-            stats = self.train_epoch(epoch, self.progress.sample_in_epoch if epoch == first_epoch else 0)
-            epoch_seconds.append(stats.seconds)
-            eta = (tcfg.epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds)
-            summary = (
-                f"epoch {epoch}: train loss {stats.loss:.4f} | {stats.images_per_sec:.0f} img/s | "
-                f"{stats.seconds:.1f} s (ETA {_clock(eta)})"
-            )
-            if (epoch + 1) % tcfg.eval_every_epochs == 0 or epoch + 1 == tcfg.epochs:
-                last_eval = self._evaluate_epoch(epoch, stats)
-                summary += " | val top-1 " + " ".join(
-                    f"{w} {last_eval[f'{w}_top1']:.2f}%" for w in last_eval["weights"]
+        with self._stop_on_signals():
+            for epoch in range(first_epoch, tcfg.epochs):
+                stats = self.train_epoch(epoch, self.progress.sample_in_epoch if epoch == first_epoch else 0)
+                epoch_seconds.append(stats.seconds)
+                eta = (tcfg.epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds)
+                summary = (
+                    f"epoch {epoch}: train loss {stats.loss:.4f} | {stats.images_per_sec:.0f} img/s | "
+                    f"{stats.seconds:.1f} s (ETA {_clock(eta)})"
                 )
-                summary += f" | best {self.progress.best_top1:.2f}% (epoch {self.progress.best_epoch})"
-            log.info(summary)
-            is_best = bool(last_eval) and last_eval["epoch"] == epoch and last_eval["best"]
-            self.progress.epoch, self.progress.sample_in_epoch = epoch + 1, 0
-            self.save_checkpoint(best=is_best)
+                if (epoch + 1) % tcfg.eval_every_epochs == 0 or epoch + 1 == tcfg.epochs:
+                    last_eval = self._evaluate_epoch(epoch, stats)
+                    summary += " | val top-1 " + " ".join(
+                        f"{w} {last_eval[f'{w}_top1']:.2f}%" for w in last_eval["weights"]
+                    )
+                    summary += f" | best {self.progress.best_top1:.2f}% (epoch {self.progress.best_epoch})"
+                log.info(summary)
+                is_best = bool(last_eval) and last_eval["epoch"] == epoch and last_eval["best"]
+                self.progress.epoch, self.progress.sample_in_epoch = epoch + 1, 0
+                self.save_checkpoint(best=is_best)
         if self.dist.is_main:
             log.info(
                 "done: best val top-1 %.2f%% (%s weights, epoch %d)",
@@ -483,8 +401,8 @@ class Trainer:
                 self.progress.best_epoch,
             )
             if self.wandb is not None:
-                if self.cfg.logger.get("upload_best") and (self.ckpt_dir / "best.pt").is_file():
-                    upload_artifact(self.wandb, self.ckpt_dir / "best.pt", f"{self.cfg.name}-best")
+                if self.cfg.logger.get("upload_best") and self.checkpoints.best.is_file():
+                    upload_artifact(self.wandb, self.checkpoints.best, f"{self.cfg.name}-best")
                 self.wandb.finish()
         last_eval.pop("weights", None)
         return {"best_top1": self.progress.best_top1, "best_epoch": self.progress.best_epoch, **last_eval}
@@ -495,10 +413,10 @@ class Trainer:
         if self.ema is not None:
             results["ema"] = evaluate(self.ema.module, loader, transform, self.autocast, device)
         train = {"train_loss": stats.loss, "train_img_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds}
+        skips = {"skipped_images": stats.skipped_images, "skipped_batches": stats.skipped_batches}
         for weights, r in results.items():
-            row = {"split": "val", "epoch": epoch, "weights": weights, **r, **train}
-            skips = {"skipped_images": stats.skipped_images, "skipped_batches": stats.skipped_batches}
-            self.metrics.write({**row, **skips}, step=self.progress.global_step)
+            row = {"split": "val", "epoch": epoch, "weights": weights, **r, **train, **skips}
+            self.metrics.write(row, step=self.progress.global_step)
         top1 = results[self.best_source()]["top1"]
         best = top1 > self.progress.best_top1
         if best:

@@ -4,10 +4,33 @@ Ours: Vim / ShuffleMamba (:mod:`.vim`) and VMamba (:mod:`.vmamba`). MambaOut and
 timm's own implementations, used as they are.
 """
 
+from collections.abc import Callable
+from typing import Any
+
+from timm.models import mambaout, vision_transformer
+from torch import nn
+
+from . import vim, vim_reg, vmamba
 from .shuffle import LayerwiseShuffle
 from .vim import VIM_SIZES, BiMambaMixer, MambaBlock, VisionMamba, checkpoint_filter_fn, resize_pos_embed
 from .vim_reg import REG_SIZES, VisionMambaReg
 from .vmamba import SS2D, VMAMBA_SIZES, VMamba, VSSBlock
+
+# Each family's converter from foreign checkpoints (official names and layouts, another grid's
+# position embedding) to its own state dict: the functions its factories also pass to timm's
+# build_model_with_cfg(pretrained_filter_fn=...). Most specific class first.
+CHECKPOINT_FILTERS: list[tuple[type, Callable[[dict[str, Any], Any], dict[str, Any]]]] = [
+    (VisionMambaReg, vim_reg.checkpoint_filter_fn),
+    (VisionMamba, vim.checkpoint_filter_fn),
+    (VMamba, vmamba.checkpoint_filter_fn),
+    (mambaout.MambaOut, mambaout.checkpoint_filter_fn),
+    (vision_transformer.VisionTransformer, vision_transformer.checkpoint_filter_fn),
+]
+
+
+def checkpoint_filter(model: nn.Module) -> Callable[[dict[str, Any], Any], dict[str, Any]] | None:
+    """The converter of ``model``'s family, or None for a family that loads its own names only."""
+    return next((convert for cls, convert in CHECKPOINT_FILTERS if isinstance(model, cls)), None)
 
 
 def supports_token_shuffle(model_name: str) -> bool:
@@ -29,6 +52,7 @@ __all__ = [
     "VSSBlock",
     "VisionMamba",
     "VisionMambaReg",
+    "checkpoint_filter",
     "checkpoint_filter_fn",
     "resize_pos_embed",
     "supports_token_shuffle",

@@ -365,8 +365,12 @@ class VisionMamba(nn.Module):
         dynamic_img_size: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        prefix_tokens: Any = None,
     ) -> None:
         super().__init__()
+        # A variant's own token settings, passed in and stored first: the token / head methods a
+        # variant overrides read them while this constructor builds (see .vim_reg).
+        self.prefix_tokens = prefix_tokens
         if global_pool not in ("token", ""):
             raise ValueError(f"global_pool must be 'token' or '', got {global_pool!r}")
         if cls_position not in ("middle", "head"):

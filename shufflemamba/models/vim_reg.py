@@ -41,16 +41,32 @@ def register_layout(num_patches: int, num_tokens: int) -> tuple[Tensor, Tensor]:
     return torch.tensor(order), torch.tensor(positions)
 
 
+@dataclass(frozen=True)
+class RegisterTokens:
+    """The register layout: ``num`` tokens spread through the sequence, read out through a neck
+    that reduces each from D to D / ``reduce`` (no neck for 1)."""
+
+    num: int
+    reduce: int
+
+    def __post_init__(self) -> None:
+        if self.num < 1 or self.reduce < 1 or self.num % self.reduce:
+            raise ValueError(f"need num_cls_tokens >= 1 divisible by cls_reduce >= 1, got {self.num}, {self.reduce}")
+
+
 class VisionMambaReg(VisionMamba):
     """Vision Mamba with ``num_cls_tokens`` register tokens and the neck readout (see module doc)."""
 
     def __init__(self, *args: Any, num_cls_tokens: int = 12, cls_reduce: int = 4, **kwargs: Any) -> None:
-        if num_cls_tokens < 1 or cls_reduce < 1 or num_cls_tokens % cls_reduce:
-            raise ValueError(
-                f"need num_cls_tokens >= 1 divisible by cls_reduce >= 1, got {num_cls_tokens}, {cls_reduce}"
-            )
-        self.num_cls_tokens, self.cls_reduce = num_cls_tokens, cls_reduce
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, prefix_tokens=RegisterTokens(num_cls_tokens, cls_reduce), **kwargs)
+
+    @property
+    def num_cls_tokens(self) -> int:
+        return self.prefix_tokens.num
+
+    @property
+    def cls_reduce(self) -> int:
+        return self.prefix_tokens.reduce
 
     def _init_tokens(self, num_patches: int) -> None:
         n, dim = self.num_cls_tokens, self.embed_dim

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -433,19 +434,29 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# name: (dims, depths, ssm_ratio, drop_path_rate); all d_state 1, mlp_ratio 4, "v05_noz". The one
-# home of each size's drop path (model YAMLs leave it null).
+
+@dataclass(frozen=True)
+class VMambaSize:
+    """A registered size (all d_state 1, mlp_ratio 4, "v05_noz") and its drop path (its one home;
+    model YAMLs leave it null), as the Vim and register size tables."""
+
+    dims: int  # stage 1 width, doubled per stage
+    depths: tuple[int, ...]
+    ssm_ratio: float
+    drop_path_rate: float
+
+
 # Published: T 30.2M / 82.6, S 50.1M / 83.6, B 88.6M / 83.9 (drop path 0.2 / 0.3 / 0.6).
-VMAMBA_SIZES: dict[str, tuple[int, tuple[int, ...], float, float]] = {
-    "vmamba_tiny": (96, (2, 2, 8, 2), 1.0, 0.2),
-    "vmamba_small": (96, (2, 2, 15, 2), 2.0, 0.3),
-    "vmamba_base": (128, (2, 2, 15, 2), 2.0, 0.6),
+VMAMBA_SIZES: dict[str, VMambaSize] = {
+    "vmamba_tiny": VMambaSize(96, (2, 2, 8, 2), 1.0, 0.2),
+    "vmamba_small": VMambaSize(96, (2, 2, 15, 2), 2.0, 0.3),
+    "vmamba_base": VMambaSize(128, (2, 2, 15, 2), 2.0, 0.6),
 }
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VMamba:
-    dims, depths, ssm_ratio, drop_path_rate = VMAMBA_SIZES[variant]
-    defaults = dict(dims=dims, depths=depths, ssm_ratio=ssm_ratio, drop_path_rate=drop_path_rate)
+    size = VMAMBA_SIZES[variant]
+    defaults = dict(dims=size.dims, depths=size.depths, ssm_ratio=size.ssm_ratio, drop_path_rate=size.drop_path_rate)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))  # features_only: every stage, as timm's CNNs
     return build_model_with_cfg(
         VMamba,

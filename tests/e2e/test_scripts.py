@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY, run_script, subprocess_env
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     proc = run_script(
         "scripts/benchmark.py",
@@ -48,6 +49,7 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert "| fused (1 conv + 1 scan) |" in (tmp_path / "benchmark.md").read_text()
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_and_sweep_run_on_the_interpreter(tmp_path):
     """The GPU run's kernel stage, rehearsed on CPU: compare + sweep at the tiny shape (times meaningless)."""
     out, best = tmp_path / "kernels.json", tmp_path / "best.json"
@@ -101,6 +103,7 @@ def test_plot_metrics_draws_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_hydra_sweep_runs_each_job_in_its_own_dir(tmp_path):
     run_script(
         "train.py",

@@ -17,8 +17,6 @@ from conftest import (
     ROOT,
     TINY,
     compose_cfg,
-    evaluate_checkpoint,
-    for_eval,
     read_metrics,
     run_script,
     start_run,
@@ -49,17 +47,13 @@ def test_train_then_eval_reproduces_the_recorded_top1(tmp_path):
     epoch_lines = [ln for ln in (run_dir / "train.log").read_text().splitlines() if "epoch 1: train loss" in ln]
     assert len(epoch_lines) == 1 and all(k in epoch_lines[0] for k in ("img/s", "ETA", "val top-1 raw", "best"))
     assert all({"train_loss", "train_img_per_sec", "epoch_seconds"} <= set(r) for r in val)
-    result = evaluate_checkpoint(TINY, run_dir / "checkpoints" / "best.pt", tmp_path)
+    # eval.py needs only the checkpoint: the model and its input come from the config it carries
+    out = tmp_path / "eval.json"
+    run_script("eval.py", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "data=demo", f"output={out}",
+               f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+    result = json.loads(out.read_text())
     assert result["top1"] == recorded and result["num_images"] == 360
     assert {"top1", "top5", "loss", "num_images", "images_per_sec"} <= set(result)
-
-
-def test_the_step_schedule_trains_and_decays(tmp_path):
-    run_dir = tmp_path / "run"
-    step = ["sched=step", "sched.warmup_epochs=0", "sched.decay_epochs=1", "trainer.log_every_steps=5"]
-    run_script("train.py", *TINY, *step, f"hydra.run.dir={run_dir}")
-    lrs = {r["epoch"]: r["lr"] for r in read_metrics(run_dir) if r["split"] == "train"}
-    assert lrs[1] == pytest.approx(lrs[0] * 0.1)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +73,7 @@ def _assert_bitwise_equal(a: dict, b: dict):
 RESUME = [
     *TINY,
     "trainer.deterministic=true",
-    "trainer.checkpoint_every_steps=2",
+    "checkpoint.every_steps=2",
     "trainer.epochs=3",
     "aug=deit",
     "aug.repeated_aug=2",
@@ -106,7 +100,7 @@ def test_sigkill_after_a_checkpoint_and_resume_is_bitwise_exact_on_tar_shards(im
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert seen == kill_after, "the run ended before it could be killed"
-    run_script("train.py", *overrides, f"hydra.run.dir={run_dir}")  # trainer.resume=auto by default
+    run_script("train.py", *overrides, f"hydra.run.dir={run_dir}")  # checkpoint.resume=auto by default
     _assert_bitwise_equal(_weights(ref_dir / "checkpoints" / "last.pt"), _weights(last))
 
 
@@ -115,7 +109,7 @@ WORLD_FREE = [  # no model-side randomness: what is left must not depend on the 
     "data.batch_size=16",
     "trainer.global_batch=64",
     "trainer.deterministic=true",
-    "trainer.checkpoint_every_steps=2",
+    "checkpoint.every_steps=2",
     "model.shuffle_rate=0.0",
     "model.drop_path_rate=0.0",
 ]
@@ -131,8 +125,9 @@ def _kill_after_first_checkpoint(overrides: list[str], run_dir: Path, nproc: int
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("aug", [["aug=none"], ["aug=none", "aug.mixup=0.8", "aug.cutmix=1.0", "aug.reprob=0.25"]])
-def test_a_two_rank_run_killed_mid_epoch_resumes_on_one_rank_with_the_same_weights(aug, tmp_path):
+def test_a_two_rank_run_killed_mid_epoch_resumes_on_one_rank_with_the_same_weights(tmp_path):
+    """With the batch-level augmentation on (erasing, mixup / cutmix keyed by place in the order)."""
+    aug = ["aug=none", "aug.mixup=0.8", "aug.cutmix=1.0", "aug.reprob=0.25"]
     overrides = [*WORLD_FREE, *aug]
     reference, run_dir = tmp_path / "two_ranks", tmp_path / "killed"
     run_script("train.py", *overrides, f"hydra.run.dir={reference}", torchrun=2)
@@ -195,7 +190,7 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
         "trainer.epochs=1",
         "trainer.max_steps_per_epoch=4",
         "trainer.ema.enabled=false",
-        "trainer.best_by=raw",
+        "checkpoint.best_by=raw",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("train.py", *common, "data.batch_size=32", f"hydra.run.dir={one}")
@@ -213,7 +208,7 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     out = tmp_path / "r.json"
     run_script(
         "eval.py",
-        *for_eval(TINY),
+        "data=demo",
         f"checkpoint={two}/checkpoints/last.pt",
         "eval.ema=false",
         f"output={out}",
@@ -241,41 +236,15 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-def test_bad_inputs_get_one_line_errors(tmp_path):
-    empty = tmp_path / "empty"
-    (empty / "train").mkdir(parents=True)
-    (empty / "val").mkdir()
-    small = tmp_path / "small"  # 14 training images: fewer than one batch of 32
-    for split, count in (("train", 14), ("val", 10)):
-        for i in range(count):
-            folder = small / split / f"c{i % 10}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (40, 40), (i * 9, 0, 0)).save(folder / f"{i}.png")
-    cases = [
-        (["data=imagenet"], "data.root is not set"),
-        (["data=imagenet", f"data.root={tmp_path / 'nope'}"], f"dataset root not found: {tmp_path / 'nope'}"),
-        (["data=imagenet", f"data.root={empty}"], f"no images found under {empty / 'train'}"),
-        (["trainer.resume=/no/such.pt"], "trainer.resume: checkpoint not found: /no/such.pt"),
-        (["trainer.precision=fp8"], "trainer.precision='fp8' is not a valid choice; use one of: auto, bf16"),
-        # checked before any data is read: the data root below does not exist
-        (["sched.name=cosin", "data=imagenet", "data.root=/no/data"], "sched.name='cosin' is not a valid choice"),
-        (["data=imagenet", f"data.root={small}", "data.num_classes=10"], "14 training images cannot fill one"),
-    ]
-    for extra, message in cases:
-        line = _error_line(run_script("train.py", *TINY, *extra, f"hydra.run.dir={tmp_path / 'r'}", check=False))
-        assert message in line, (extra, line)
-    line = _error_line(run_script("eval.py", *for_eval(TINY), f"hydra.run.dir={tmp_path / 'e'}", check=False))
-    assert "checkpoint is not set" in line
-    line = _error_line(
-        run_script("eval.py", *for_eval(TINY), "checkpoint=/no/such.pt", f"hydra.run.dir={tmp_path / 'e'}", check=False)
-    )
-    assert "checkpoint not found: /no/such.pt" in line
-    wrong = tmp_path / "wrong.pt"
-    torch.save({"model": {"head.weight": torch.zeros(3, 3)}}, wrong)
-    proc = run_script("eval.py", *for_eval(TINY), f"checkpoint={wrong}", f"hydra.run.dir={tmp_path / 'e'}", check=False)
-    assert proc.returncode == 2 and "missing (" in proc.stderr and "mis-shaped (1): head.weight" in proc.stderr
+def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
+    """The scripts' contract; each message is checked in-process (unit/test_trainer.py, test_evaluator.py)."""
+    line = _error_line(run_script("train.py", *TINY, "data=imagenet", f"hydra.run.dir={tmp_path / 'r'}", check=False))
+    assert line == "error: data.root is not set: pass data.root=/path/to/the/data (data=imagenet)"
+    line = _error_line(run_script("eval.py", "checkpoint=/no/such.pt", f"hydra.run.dir={tmp_path / 'e'}", check=False))
+    assert line == "error: checkpoint not found: /no/such.pt"
 
 
+@pytest.mark.slow
 def test_a_depth_2_model_trains_on_the_triton_kernels_to_the_torch_backends_losses(tmp_path):
     """model.scan_backend=triton through train.py as a user runs it; without a GPU its kernels run on the
     CPU under Triton's interpreter (TRITON_INTERPRET=1, from conftest). Same steps, same losses as torch
@@ -304,26 +273,24 @@ def test_repeated_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact
         "trainer.epochs=3",
         "optim.base_lr=1e12",
         "trainer.max_nonfinite_steps=2",
-        "trainer.checkpoint_every_steps=1",
+        "checkpoint.every_steps=1",
         f"hydra.run.dir={run_dir}",
         check=False,
     )
     line = _error_line(proc)
     assert "2 consecutive non-finite losses" in line and "last.pt" in line
     assert "non-finite loss at update" in proc.stderr
-    skipped = [r for r in read_metrics(run_dir) if r.get("nonfinite_steps")]
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)  # still loads
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # no update with a NaN was saved
     assert ckpt["progress"]["nonfinite_steps"] == 0 and 1 <= ckpt["progress"]["global_step"] < 15
-    assert skipped or "non-finite loss at update" in proc.stderr
 
 
 def test_eval_on_an_image_folder_with_known_labels(tmp_path):
     """Accuracy from eval.py equals the one computed image by image; odd images are handled."""
     import numpy as np
-    from PIL import Image
 
     from shufflemamba.data.transforms import build_eval_transform
+    from shufflemamba.engine.builders import resolve_input_settings
 
     root = tmp_path / "folder"
     rng = np.random.default_rng(0)
@@ -373,12 +340,13 @@ def test_eval_on_an_image_folder_with_known_labels(tmp_path):
         f"checkpoint={ckpt}",
         f"output={out}",
         f"hydra.run.dir={tmp_path / 'e'}",
-        "+data.index_cache_dir=" + str(tmp_path / "cache"),
+        "data.index_cache_dir=" + str(tmp_path / "cache"),
     )
     result = json.loads(out.read_text())
     assert "broken.jpg" in proc.stderr  # the warning names the file
 
     cfg = compose_cfg("eval", [*overrides, "checkpoint=x", f"data.root={root}"])
+    resolve_input_settings(cfg.data, model)  # crop, mean / std: the model's, as eval.py takes them
     transform = build_eval_transform(cfg.data)
     mean = torch.tensor(cfg.data.mean).view(3, 1, 1) * 255
     std = torch.tensor(cfg.data.std).view(3, 1, 1) * 255
@@ -393,7 +361,7 @@ def test_eval_on_an_image_folder_with_known_labels(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_dead_rank_and_the_run_resumes_bitwise(tmp_path):
-    """A rank killed mid-run makes torchrun (--max-restarts) restart the group; trainer.resume=auto
+    """A rank killed mid-run makes torchrun (--max-restarts) restart the group; checkpoint.resume=auto
     picks up last.pt in the same run dir, and the result equals an uninterrupted run."""
     common = [*RESUME, "data.batch_size=16", "data.num_workers=0", "trainer.epochs=2"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "restarted"
@@ -439,7 +407,7 @@ def test_ddp_world_size_one_under_torchrun_on_gpu(tmp_path):
 @pytest.mark.slow
 def test_trainer_compile_trains_and_resumes_the_demo(tmp_path):
     """trainer.compile=true: the whole model is one compiled graph; a killed run resumes from last.pt."""
-    overrides = [*TINY, "trainer.compile=true", "trainer.checkpoint_every_steps=3", "trainer.epochs=2"]
+    overrides = [*TINY, "trainer.compile=true", "checkpoint.every_steps=3", "trainer.epochs=2"]
     run_dir = tmp_path / "run"
     proc = start_run(overrides, run_dir)
     written = wait_for_checkpoints(proc, run_dir)

@@ -21,6 +21,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+@pytest.mark.slow  # Inductor compiles on 2 cores: tens of seconds
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 # compiled draws = eager draws. Inductor's own patch, not monkeypatch: pytest >= 9.2 undoes a
 # setattr on a module by deleting the name unless it is in the module's __dict__, and Inductor's

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import data_cfg
+from conftest import ROOT, data_cfg
 from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import auto_augment
@@ -25,10 +25,11 @@ from shufflemamba.errors import UserError
 DATA = OmegaConf.create(
     {"img_size": 64, "crop_pct": 0.875, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
 )
-DEIT = OmegaConf.load("conf/aug/deit.yaml")
+DEIT = OmegaConf.load(ROOT / "conf" / "aug" / "deit.yaml")
 
 
 def test_posterize_to_zero_bits_is_a_black_image_on_every_pillow():
+    build_train_transform(DATA, DEIT)  # installs the fix, explicitly, as every loader build does
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     assert np.asarray(posterize_safe(img, 0)).max() == 0
     assert np.array_equal(np.asarray(posterize_safe(img, 4)), np.asarray(img) & 0xF0)
@@ -128,9 +129,10 @@ def test_train_sampler_resumes_mid_epoch_exactly():
     s.set_epoch(5)
     full = list(s)
     s.set_epoch(5, start_sample=24)
-    assert list(s) == full[24:] and len(s) == len(full) - 24 and s.steps_per_epoch == 10
-    s.max_steps = 8  # trainer.max_steps_per_epoch counts the steps already done
-    assert s.steps_per_epoch == 2
+    assert list(s) == full[24:] and len(s) == len(full) - 24 and (s.updates_done, s.updates_left) == (6, 10)
+    capped = ResumableTrainSampler(64, 4, repeats=1, seed=3, max_updates=8)  # trainer.max_steps_per_epoch
+    capped.set_epoch(5, start_sample=24)
+    assert (capped.updates_per_epoch, capped.updates_left) == (8, 2) and list(capped) == full[24:32]
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (360, 2), (7, 8), (1, 1)])
@@ -208,7 +210,7 @@ def test_demo_digits_split_is_fixed_and_stratified():
 
 
 def test_three_augment_is_timms_3a_policy_with_colour_jitter_and_is_seeded_per_sample(tmp_path):
-    cfg = OmegaConf.load("conf/aug/three_augment.yaml")
+    cfg = OmegaConf.load(ROOT / "conf" / "aug" / "three_augment.yaml")
     transform = build_train_transform(DATA, cfg)
     names = [type(t).__name__ for t in transform.transforms]
     assert "AutoAugment" in names and "ColorJitter" in names and "RandAugment" not in names
