@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     except StopRequested as exc:
         print(str(exc), file=sys.stderr)
-        sys.exit(143)
+        sys.exit(exc.exit_code)
     return result.get("best_top1", 0.0)  # for Hydra sweepers
 
 

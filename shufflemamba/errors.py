@@ -25,7 +25,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequested(Exception):
-    """SIGTERM/SIGINT (e.g. SLURM pre-emption): a checkpoint was written, the run exits."""
+    """A stop was asked for and a checkpoint written; the run exits with ``exit_code``: 143 after a
+    signal (SIGTERM / SIGINT / SIGUSR1), 0 after a stop file (``trainer.stop_file``, the SLURM
+    script's pre-emption path: a zero exit keeps torchrun from restarting the workers)."""
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class TorchScriptUnsupported(RuntimeError):

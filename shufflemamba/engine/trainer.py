@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,33 @@ class RunProgress:
             raise CheckpointError(f"the checkpoint's progress has entries this version does not know: {unknown}")
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class StopFile:
+    """``trainer.stop_file``: a file whose appearance asks for a checkpoint and a clean stop, the
+    way a batch script that got the scheduler's time-limit warning can reach every training
+    process on every node through torchrun and srun (which treat signals as "kill"). Checked by
+    rank 0 at most once a second; the answer reaches every rank through the per-update collective."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.next_check, self.seen = 0.0, False
+
+    def appeared(self) -> bool:
+        if self.path is None or self.seen:
+            return self.seen
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check, self.seen = now + 1.0, self.path.exists()
+            if self.seen:
+                log.warning("stop file %s appeared: will checkpoint at the next step and exit", self.path)
+        return self.seen
+
+    def consume(self) -> None:
+        """Remove the file once the checkpoint is written: its absence tells the batch script so."""
+        if self.seen and self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 class RankGenerators:
@@ -160,6 +188,7 @@ class Trainer:
         self.metrics = MetricsWriter(run_dir, self.dist.world_size, self.dist.is_main, self.wandb)
         self.consecutive_nonfinite = 0
         self.stop_requested = False
+        self.stop_file = StopFile(tcfg.stop_file if self.dist.is_main else None)
 
     def _wrap(self, model: nn.Module) -> Any:
         """The module the step calls: DDP across ranks, compiled with ``trainer.compile``."""
@@ -213,12 +242,15 @@ class Trainer:
         loss = loss.detach()
         return loss, torch.isfinite(loss)
 
-    def update(self, any_nonfinite: torch.Tensor, has_images: bool) -> bool:
+    def update(self, any_nonfinite: torch.Tensor, has_images: bool) -> tuple[bool, bool]:
         """One optimizer update, agreed by all ranks in one collective (one host sync): a
         non-finite loss on any rank skips it everywhere, and so does an update with no decodable
-        image on any rank. Returns whether some rank asked to stop."""
-        flags = torch.tensor([self.stop_requested, has_images], device=self.dist.device)
-        nonfinite, stop, any_images = D.any_rank(torch.cat([any_nonfinite.view(1), flags]), self.dist.device)
+        image on any rank. Returns whether some rank was signalled to stop, and whether the stop
+        file appeared (seen by rank 0)."""
+        flags = torch.tensor([self.stop_requested, self.stop_file.appeared(), has_images], device=self.dist.device)
+        nonfinite, signalled, by_file, any_images = D.any_rank(
+            torch.cat([any_nonfinite.view(1), flags]), self.dist.device
+        )
         if nonfinite:
             self._skip_nonfinite_update()
         elif not any_images:
@@ -237,7 +269,7 @@ class Trainer:
                 self.ema.update(self.model, step=self.progress.global_step)
         self.progress.global_step += 1
         self.scheduler.step_update(num_updates=self.progress.global_step)
-        return stop
+        return signalled, by_file
 
     def _skip_nonfinite_update(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -300,7 +332,8 @@ class Trainer:
             if not sync:
                 continue
 
-            stop = self.update(nonfinite, has_images)
+            signalled, by_file = self.update(nonfinite, has_images)
+            stop = signalled or by_file
             nonfinite.zero_()
             has_images = False
             if self.progress.global_step % tcfg.log_every_steps == 0 or i + 1 == micro_batches:
@@ -315,7 +348,12 @@ class Trainer:
                 self.save_checkpoint()
             if stop:
                 bar.close()
-                raise StopRequested(f"stop requested: checkpoint written at epoch {epoch}, sample {trained}")
+                self.stop_file.consume()  # answered: the checkpoint is written (the batch script reads this)
+                raise StopRequested(
+                    f"stop requested{'' if signalled else ' (stop file)'}: checkpoint written at epoch {epoch}, "
+                    f"sample {trained}",
+                    exit_code=143 if signalled else 0,  # a signal's 143; 0 keeps torchrun from restarting
+                )
         bar.close()
         stats = window.epoch_stats()
         if stats.skipped_images:

@@ -133,3 +133,16 @@ def test_keep_last_keeps_the_newest_updates_and_best_stays_the_file_it_was(tmp_p
         trainer.close()
     with pytest.raises(UserError, match="checkpoint.keep_last=0: keep at least 1"):
         _trainer(tmp_path, "checkpoint.keep_last=0")
+
+
+def test_resuming_with_another_global_batch_is_refused_unless_allowed(tmp_path):
+    """The global batch cuts the epoch's order: a run continues only with its own, or when asked."""
+    trainer = _trainer(tmp_path, "data.batch_size=16", "trainer.global_batch=64")
+    trainer.save_checkpoint()
+    trainer.close()
+    with pytest.raises(UserError, match="trained with a global batch of 64, this run has 32 .* keep trainer.global_ba"):
+        _trainer(tmp_path, "data.batch_size=16", "trainer.global_batch=32")
+    resumed = _trainer(tmp_path, "data.batch_size=16", "trainer.global_batch=32",
+                       "checkpoint.allow_global_batch_change=true")  # fmt: skip
+    assert resumed.progress.global_batch == 32
+    resumed.close()

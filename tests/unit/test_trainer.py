@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import TINY, compose_cfg, read_metrics, write_image_folder
 
-from shufflemamba.engine.trainer import RunProgress, run_training
-from shufflemamba.errors import CheckpointError, UserError
+from shufflemamba.engine.trainer import RunProgress, Trainer, run_training
+from shufflemamba.errors import CheckpointError, StopRequested, UserError
 
 
 def _train(tmp_path, *overrides, run="run"):
@@ -122,3 +122,22 @@ def test_each_family_trains_in_the_demo_setting_and_eval_reproduces_it(family, t
     command_line = ["experiment=demo", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}"]
     result = run_eval(compose_cfg("eval", command_line), command_line=command_line)
     assert result["top1"] == best["progress"]["best_top1"] and result["num_images"] == 360
+
+
+def test_a_stop_file_stops_every_rank_after_a_checkpoint_and_exits_0(tmp_path, monkeypatch):
+    """The SLURM script's pre-emption path (trainer.stop_file): the file appears, the run writes
+    last.pt, removes the file (its answer) and stops with exit code 0 (torchrun must not restart)."""
+    stop_file = tmp_path / "stop-requested"
+    update = Trainer.update
+
+    def request_at_update_2(self, *args):
+        if self.progress.global_step == 2:
+            stop_file.touch()
+            self.stop_file.next_check = 0.0  # rank 0 looks at once (it checks at most once a second)
+        return update(self, *args)
+
+    monkeypatch.setattr(Trainer, "update", request_at_update_2)
+    with pytest.raises(StopRequested, match=r"stop requested \(stop file\): checkpoint written at epoch 0") as stop:
+        _train(tmp_path, f"trainer.stop_file={stop_file}")
+    assert stop.value.exit_code == 0 and not stop_file.exists()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["progress"]["global_step"] == 3
