@@ -23,12 +23,28 @@ from torch import nn
 from ..checkpoint import load_weights, read_checkpoint
 from ..data.loader import DeviceBatchTransform, release_workers
 from ..errors import CheckpointError, UserError
+from ..models.shuffle import token_shuffle_at_inference
+from ..rng import keyed_rng
 from . import distributed as D
 from .builders import autocast_factory, build_model, build_val_data, resolve_input_settings
 from .choices import validate
 from .tracking import setup_logging
 
 log = logging.getLogger("shufflemamba")
+
+
+def check_shuffle_samples(model: nn.Module, shuffle_samples: int) -> None:
+    """``eval.shuffle_samples``: 1 (off) or K > 1 passes with the model's token shuffle, which
+    then must exist; checked when a run starts, not after its first epoch."""
+    if shuffle_samples < 1:
+        raise UserError(f"eval.shuffle_samples={shuffle_samples}: use 1 (off) or more passes")
+    if shuffle_samples > 1:
+        with token_shuffle_at_inference(model) as active:
+            if not active:
+                raise UserError(
+                    f"eval.shuffle_samples={shuffle_samples} averages passes with the token shuffle on, but this "
+                    f"model has none (shuffle_rate 0, or a family without it); use eval.shuffle_samples=1"
+                )
 
 
 @torch.no_grad()
@@ -38,16 +54,24 @@ def evaluate(
     batch_transform: DeviceBatchTransform,
     autocast: Callable[[], contextlib.AbstractContextManager],
     device: torch.device,
+    shuffle_samples: int = 1,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Top-1 / top-5 (percent) and mean cross-entropy over this rank's shard, summed over ranks.
 
-    Call with the unwrapped module: shards differ in length, and DDP's forward would
-    wait for the other ranks.
+    With ``shuffle_samples`` K > 1 also the Monte-Carlo figures (``mc_top1``, ``mc_top5``): the
+    softmax averaged over K passes with the model's training-time token shuffle active, each pass's
+    draws seeded by (seed, rank, batch, pass) and the process's generators left untouched, so the
+    figures are reproducible and training resumes exactly. Call with the unwrapped module: shards
+    differ in length, and DDP's forward would wait for the other ranks.
     """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, count
+    check_shuffle_samples(model, shuffle_samples)
+    monte_carlo = shuffle_samples > 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sums = torch.zeros(7, dtype=torch.float64, device=device)  # correct1, correct5, loss, count, mc1, mc5, mc loss
     start = time.perf_counter()
-    for images, labels, failed in loader:
+    for batch, (images, labels, failed) in enumerate(loader):
         for name in failed:
             log.warning("skipped undecodable image: %s", name)
         if images.numel() == 0:
@@ -56,18 +80,29 @@ def evaluate(
         with autocast():
             logits = model(images)
         logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
         sums[0] += hits[:, 0].sum()
         sums[1] += hits.any(dim=1).sum()
         sums[2] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[3] += labels.shape[0]
+        if monte_carlo:
+            probs = torch.zeros_like(logits)
+            with token_shuffle_at_inference(model):
+                for sample in range(shuffle_samples):
+                    with keyed_rng(seed, rank, batch, sample), autocast():
+                        probs += model(images).float().softmax(dim=1)
+            probs /= shuffle_samples
+            hits = probs.topk(k, dim=1).indices == labels[:, None]
+            sums[4] += hits[:, 0].sum()
+            sums[5] += hits.any(dim=1).sum()
+            sums[6] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double()
     if dist.is_initialized():
         dist.all_reduce(sums)
     seconds = time.perf_counter() - start
-    c1, c5, loss, n = sums.tolist()
+    c1, c5, loss, n, mc1, mc5, mc_loss = sums.tolist()
     n = max(n, 1.0)
-    return {
+    result = {
         "top1": 100.0 * c1 / n,
         "top5": 100.0 * c5 / n,
         "loss": loss / n,
@@ -75,6 +110,10 @@ def evaluate(
         "images_per_sec": sums[3].item() / max(seconds, 1e-9),
         "correct1": int(c1),
     }
+    if monte_carlo:
+        result.update(mc_top1=100.0 * mc1 / n, mc_top5=100.0 * mc5 / n, mc_loss=mc_loss / n,
+                      shuffle_samples=shuffle_samples)  # fmt: skip
+    return result
 
 
 # What a checkpoint's own config decides for eval.py unless the command line says otherwise:
@@ -125,6 +164,7 @@ def run_eval(cfg: DictConfig, command_line: list[str] | None = None) -> dict[str
             log.info("from the checkpoint's config: %s", ", ".join(taken))
             validate(cfg)
         model = build_model(cfg, dist_info.device)
+        check_shuffle_samples(model, cfg.eval.shuffle_samples)
         resolve_input_settings(cfg.data, model)
         try:
             weights = load_weights(model, checkpoint, use_ema=cfg.eval.ema)
@@ -133,7 +173,8 @@ def run_eval(cfg: DictConfig, command_line: list[str] | None = None) -> dict[str
         loader, transform = build_val_data(cfg, dist_info, cfg.eval.batch_size)
         autocast = autocast_factory(cfg.eval.precision, dist_info.device)
         try:
-            result = evaluate(model, loader, transform, autocast, dist_info.device)
+            result = evaluate(model, loader, transform, autocast, dist_info.device, cfg.eval.shuffle_samples,
+                              cfg.eval.seed)  # fmt: skip
         finally:
             release_workers(loader)
         result.pop("correct1")

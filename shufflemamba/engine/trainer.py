@@ -48,7 +48,7 @@ from .builders import (
 )
 from .checkpointing import CheckpointManager
 from .choices import validate
-from .evaluator import evaluate
+from .evaluator import check_shuffle_samples, evaluate
 from .log_window import EpochStats, LogWindow
 from .tracking import MetricsWriter, setup_logging, start_wandb, upload_artifact
 
@@ -159,6 +159,7 @@ class Trainer:
         # 1. the model, its start weights (a fine-tuning source), then the EMA copied from them;
         #    the model first, so config errors surface before any data is read.
         model = build_model(cfg, self.dist.device)
+        check_shuffle_samples(model, cfg.eval.shuffle_samples)
         resolve_input_settings(cfg.data, model)  # crop / interpolation / mean / std the data leaves to the model
         self.config_plain = to_plain(cfg)
         self.checkpoints = CheckpointManager(cfg.checkpoint, run_dir, self.dist, self.config_plain)
@@ -426,6 +427,10 @@ class Trainer:
                     summary += " | val top-1 " + " ".join(
                         f"{w} {last_eval[f'{w}_top1']:.2f}%" for w in last_eval["weights"]
                     )
+                    if f"{last_eval['weights'][0]}_mc_top1" in last_eval:
+                        summary += f" | {self.cfg.eval.shuffle_samples}-pass shuffle average " + " ".join(
+                            f"{w} {last_eval[f'{w}_mc_top1']:.2f}%" for w in last_eval["weights"]
+                        )
                     summary += f" | best {self.progress.best_top1:.2f}% (epoch {self.progress.best_epoch})"
                 log.info(summary)
                 is_best = bool(last_eval) and last_eval["epoch"] == epoch and last_eval["best"]
@@ -447,9 +452,10 @@ class Trainer:
 
     def _evaluate_epoch(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
         loader, transform, device = self.data.val_loader, self.data.eval_transform, self.dist.device
-        results = {"raw": evaluate(self.model, loader, transform, self.autocast, device)}
+        passes = dict(shuffle_samples=self.cfg.eval.shuffle_samples, seed=self.cfg.eval.seed)
+        results = {"raw": evaluate(self.model, loader, transform, self.autocast, device, **passes)}
         if self.ema is not None:
-            results["ema"] = evaluate(self.ema.module, loader, transform, self.autocast, device)
+            results["ema"] = evaluate(self.ema.module, loader, transform, self.autocast, device, **passes)
         train = {"train_loss": stats.loss, "train_img_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds}
         skips = {"skipped_images": stats.skipped_images, "skipped_batches": stats.skipped_batches}
         for weights, r in results.items():
@@ -465,6 +471,7 @@ class Trainer:
             "top1": top1,
             "weights": list(results),
             **{f"{w}_top1": r["top1"] for w, r in results.items()},
+            **{f"{w}_mc_top1": r["mc_top1"] for w, r in results.items() if "mc_top1" in r},
         }
 
     def close(self) -> None:

@@ -17,6 +17,9 @@ extraction) the draw and the two gathers are leaf functions: nodes, not traced P
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from timm.layers import register_notrace_function
 from torch import Tensor, nn
@@ -56,6 +59,22 @@ class LayerwiseShuffle(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shuffle_rate={self.shuffle_rate}, depth={self.depth}, per_sample={self.per_sample}"
+
+
+@contextlib.contextmanager
+def token_shuffle_at_inference(model: nn.Module) -> Iterator[int]:
+    """The model's training-time token shuffle switched on while everything else stays as it is
+    (eval mode: no dropout, no drop path): Monte-Carlo averaging over token orders at test time.
+    Yields how many shuffles are active (0: the model has none with a rate above 0)."""
+    shuffles = [m for m in model.modules() if isinstance(m, LayerwiseShuffle) and m.shuffle_rate > 0]
+    modes = [m.training for m in shuffles]
+    for m in shuffles:
+        m.train(True)
+    try:
+        yield len(shuffles)
+    finally:
+        for m, mode in zip(shuffles, modes, strict=True):
+            m.train(mode)
 
 
 @register_notrace_function
