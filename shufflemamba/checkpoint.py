@@ -141,6 +141,14 @@ def load_for_finetune(model: nn.Module, source: str | os.PathLike, use_ema: bool
         shapes = ", ".join(f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in changed)
         notes.append(f"classifier re-initialised for another class count ({shapes})")
         state.update({k: own[k] for k in head_keys})
+    fresh = [k for k in own if k.startswith("layer_shuffle.") and k not in state]
+    dropped = [k for k in state if k.startswith("layer_shuffle.") and k not in own]
+    if fresh:  # a new run with LayerShuffle's variant weights: they start from their own init
+        state.update({k: own[k] for k in fresh})
+        notes.append(f"LayerShuffle weights initialised afresh ({len(fresh)} tensors)")
+    if dropped:
+        state = {k: v for k, v in state.items() if k not in dropped}
+        notes.append(f"the source's LayerShuffle weights left out ({len(dropped)} tensors)")
     _load_strictly(model, state)
     return notes
 

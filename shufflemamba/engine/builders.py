@@ -13,7 +13,7 @@ from typing import Any
 
 import timm
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -29,6 +29,7 @@ from ..data.samplers import ResumableTrainSampler
 from ..data.transforms import build_eval_transform, build_train_transform
 from ..errors import UserError
 from ..models.from_config import model_kwargs
+from ..models.layer_shuffle import with_layer_shuffle
 from ..ops import CudaKernelsUnavailable, TritonUnavailable, cuda_kernels_available, describe_scan
 from .batching import BatchPlan, plan_batches
 from .distributed import DistInfo, barrier
@@ -70,6 +71,9 @@ def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
     if device.type == "cuda":
         cuda_kernels_available()  # import the kernels now: a compiled model then sees a constant
     model = timm.create_model(name, **kwargs).to(device)
+    layer_shuffle = cfg.model.get("layer_shuffle", "none")
+    if layer_shuffle != "none" or OmegaConf.select(cfg, "eval.layer_order", default="sequential") == "random":
+        with_layer_shuffle(model, layer_shuffle)  # the block order: random in training (a mode) / in eval (random)
     try:  # the scan backend this model runs on this device, decided now: a missing kernel fails here
         scan = describe_scan(model, device)
     except (CudaKernelsUnavailable, TritonUnavailable) as exc:

@@ -16,6 +16,7 @@ from ..data.datasets import DATA_KINDS
 from ..data.loader import ERASE_MODES, MIXUP_MODES
 from ..data.transforms import INTERPOLATIONS
 from ..errors import UserError
+from ..models.layer_shuffle import LAYER_ORDERS, LAYER_SHUFFLE_MODES
 from ..ops import BACKENDS
 from .builders import PRECISIONS, SCHEDULERS
 from .checkpointing import BEST_BY
@@ -24,6 +25,8 @@ from .tracking import LOGGER_KINDS, LOGGER_MODES
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.scan_backend": BACKENDS,
+    "model.layer_shuffle": LAYER_SHUFFLE_MODES,
+    "eval.layer_order": LAYER_ORDERS,
     "data.kind": DATA_KINDS,
     "data.interpolation": INTERPOLATIONS,
     "aug.interpolation": INTERPOLATIONS,

@@ -23,6 +23,7 @@ from torch import nn
 from ..checkpoint import load_weights, read_checkpoint
 from ..data.loader import DeviceBatchTransform, release_workers
 from ..errors import CheckpointError, UserError
+from ..models.layer_shuffle import layer_shuffles
 from ..models.shuffle import token_shuffle_at_inference
 from ..rng import keyed_rng
 from . import distributed as D
@@ -31,6 +32,9 @@ from .choices import validate
 from .tracking import setup_logging
 
 log = logging.getLogger("shufflemamba")
+
+
+BLOCK_ORDER_KEY = 1_000_003  # keys the plain pass's draws apart from the Monte-Carlo passes' (0..K-1)
 
 
 def check_shuffle_samples(model: nn.Module, shuffle_samples: int) -> None:
@@ -56,19 +60,27 @@ def evaluate(
     device: torch.device,
     shuffle_samples: int = 1,
     seed: int = 0,
+    layer_order: str = "sequential",
 ) -> dict[str, float]:
     """Top-1 / top-5 (percent) and mean cross-entropy over this rank's shard, summed over ranks.
 
     With ``shuffle_samples`` K > 1 also the Monte-Carlo figures (``mc_top1``, ``mc_top5``): the
     softmax averaged over K passes with the model's training-time token shuffle active, each pass's
     draws seeded by (seed, rank, batch, pass) and the process's generators left untouched, so the
-    figures are reproducible and training resumes exactly. Call with the unwrapped module: shards
-    differ in length, and DDP's forward would wait for the other ranks.
+    figures are reproducible and training resumes exactly. ``layer_order="random"``: every pass runs
+    the blocks in a random order (LayerShuffle's robustness measure), one seeded order per batch.
+    Call with the unwrapped module: shards differ in length, and DDP's forward would wait for the
+    other ranks.
     """
     model.eval()
     check_shuffle_samples(model, shuffle_samples)
     monte_carlo = shuffle_samples > 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    orders = layer_shuffles(model)
+    if layer_order == "random" and not orders:
+        raise UserError("eval.layer_order=random: this model has no LayerShuffle to reorder its blocks")
+    for shuffle in orders:
+        shuffle.random_order = layer_order == "random"
     sums = torch.zeros(7, dtype=torch.float64, device=device)  # correct1, correct5, loss, count, mc1, mc5, mc loss
     start = time.perf_counter()
     for batch, (images, labels, failed) in enumerate(loader):
@@ -77,7 +89,8 @@ def evaluate(
         if images.numel() == 0:
             continue
         images, labels = batch_transform(images, labels)
-        with autocast():
+        order_draw = keyed_rng(seed, rank, batch, BLOCK_ORDER_KEY) if orders else contextlib.nullcontext()
+        with order_draw, autocast():  # a random block order: seeded per rank and batch
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[1])
@@ -97,6 +110,8 @@ def evaluate(
             sums[4] += hits[:, 0].sum()
             sums[5] += hits.any(dim=1).sum()
             sums[6] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double()
+    for shuffle in orders:
+        shuffle.random_order = False
     if dist.is_initialized():
         dist.all_reduce(sums)
     seconds = time.perf_counter() - start
@@ -174,7 +189,7 @@ def run_eval(cfg: DictConfig, command_line: list[str] | None = None) -> dict[str
         autocast = autocast_factory(cfg.eval.precision, dist_info.device)
         try:
             result = evaluate(model, loader, transform, autocast, dist_info.device, cfg.eval.shuffle_samples,
-                              cfg.eval.seed)  # fmt: skip
+                              cfg.eval.seed, cfg.eval.layer_order)  # fmt: skip
         finally:
             release_workers(loader)
         result.pop("correct1")
@@ -184,6 +199,7 @@ def run_eval(cfg: DictConfig, command_line: list[str] | None = None) -> dict[str
             model=cfg.model.name,
             img_size=cfg.data.img_size,
             crop_pct=cfg.data.crop_pct,
+            layer_order=cfg.eval.layer_order,
             world_size=dist_info.world_size,
         )
         if dist_info.is_main:

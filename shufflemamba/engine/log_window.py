@@ -33,15 +33,19 @@ class LogWindow:
         self.device, self.world_size = device, world_size
         self.window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, finite micro-batches
         self.epoch = torch.zeros(2, dtype=torch.float64, device=device)
+        self.aux: Tensor | None = None  # LayerShuffle "predict": the slot loss summed over the window
         self.window_images = self.epoch_images = 0
         self.skipped_images = self.skipped_batches = 0
         self.epoch_start = self.window_start = time.perf_counter()
 
-    def add(self, loss: Tensor, finite: Tensor, images: int, counts: bool = True) -> None:
+    def add(self, loss: Tensor, finite: Tensor, images: int, counts: bool = True, aux: Tensor | None = None) -> None:
         """One micro-batch: its loss (counted when finite, and when ``counts``: a blank stand-in
-        for an empty micro-batch does not) and its number of images."""
+        for an empty micro-batch does not), its number of images, and an auxiliary loss logged apart."""
         weight = 1.0 if counts else 0.0
         self.window += torch.stack([torch.where(finite, loss.detach().double(), 0.0), finite.double() * weight])
+        if aux is not None:
+            aux = torch.where(finite, aux.detach().double(), 0.0)
+            self.aux = aux if self.aux is None else self.aux + aux
         self.window_images += images
 
     def skipped(self, images: int, batches: int = 0) -> None:
@@ -57,7 +61,11 @@ class LogWindow:
         self.window.zero_()
         self.epoch_images += self.window_images
         self.window_start, self.window_images = time.perf_counter(), 0
-        return {"split": "train", **fields, "loss": loss_sum / max(count, 1), "img_per_sec": img_s}
+        row = {"split": "train", **fields, "loss": loss_sum / max(count, 1), "img_per_sec": img_s}
+        if self.aux is not None:
+            row["layer_order_loss"] = D.all_reduce_sum(self.aux.view(1), self.device)[0] / max(count, 1)
+            self.aux = None
+        return row
 
     def epoch_stats(self) -> EpochStats:
         """The epoch's totals over all ranks; a collective."""

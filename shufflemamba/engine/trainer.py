@@ -32,6 +32,8 @@ from ..checkpoint import TrainingState
 from ..config import to_plain
 from ..data.loader import release_workers
 from ..errors import CheckpointError, NonFiniteLossError, StopRequested, UserError
+from ..models import VisionMamba
+from ..models.layer_shuffle import layer_order_loss
 from ..ops import describe_scan
 from ..rng import capture_rng, keyed_rng, restore_rng, seed_all
 from . import distributed as D
@@ -164,6 +166,7 @@ class Trainer:
         self.config_plain = to_plain(cfg)
         self.checkpoints = CheckpointManager(cfg.checkpoint, run_dir, self.dist, self.config_plain)
         self.model = self.checkpoints.start_weights(model)
+        self._check_layer_shuffle(cfg)
         if tcfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.ema = build_ema(tcfg, self.model)
@@ -189,7 +192,19 @@ class Trainer:
         self.metrics = MetricsWriter(run_dir, self.dist.world_size, self.dist.is_main, self.wandb)
         self.consecutive_nonfinite = 0
         self.stop_requested = False
+        self.last_aux_loss: torch.Tensor | None = None
         self.stop_file = StopFile(tcfg.stop_file if self.dist.is_main else None)
+
+    def _check_layer_shuffle(self, cfg: DictConfig) -> None:
+        """LayerShuffle picks the block order in Python per forward: refused where that cannot run."""
+        if cfg.model.get("layer_shuffle", "none") == "none":
+            return
+        if cfg.trainer.compile:
+            raise UserError("trainer.compile with model.layer_shuffle: the block order is drawn per batch in Python, "
+                            "which one compiled graph cannot follow; train eager (trainer.compile=false)")  # fmt: skip
+        if cfg.trainer.grad_checkpointing and not isinstance(self.model, VisionMamba):
+            raise UserError("trainer.grad_checkpointing with model.layer_shuffle on a ViT: timm checkpoints the "
+                            "blocks in their stored order; turn one of them off")  # fmt: skip
 
     def _wrap(self, model: nn.Module) -> Any:
         """The module the step calls: DDP across ranks, compiled with ``trainer.compile``."""
@@ -237,11 +252,14 @@ class Trainer:
         with no_sync:
             with self.autocast():
                 loss = self.criterion(model(images), labels)
+            aux = layer_order_loss(self.model)  # LayerShuffle "predict": which slot each block ran at
+            total = loss if aux is None else loss + aux
             if blank:
-                loss = loss * 0.0
-            self.scaler.scale(loss / self.plan.accum_steps).backward()
-        loss = loss.detach()
-        return loss, torch.isfinite(loss)
+                total = total * 0.0
+            self.scaler.scale(total / self.plan.accum_steps).backward()
+        loss = (loss * 0.0 if blank else loss).detach()
+        self.last_aux_loss = None if aux is None else aux.detach()
+        return loss, torch.isfinite(total.detach())
 
     def update(self, any_nonfinite: torch.Tensor, has_images: bool) -> tuple[bool, bool]:
         """One optimizer update, agreed by all ranks in one collective (one host sync): a
@@ -329,7 +347,7 @@ class Trainer:
             sync = (i + 1) % accum == 0
             loss, finite = self.micro_step(images, labels, sync=sync, blank=blank)
             nonfinite |= ~finite
-            window.add(loss, finite, 0 if blank else images.shape[0], counts=not blank)
+            window.add(loss, finite, 0 if blank else images.shape[0], counts=not blank, aux=self.last_aux_loss)
             if not sync:
                 continue
 
@@ -452,7 +470,10 @@ class Trainer:
 
     def _evaluate_epoch(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
         loader, transform, device = self.data.val_loader, self.data.eval_transform, self.dist.device
-        passes = dict(shuffle_samples=self.cfg.eval.shuffle_samples, seed=self.cfg.eval.seed)
+        evaluation = self.cfg.eval
+        passes = dict(
+            shuffle_samples=evaluation.shuffle_samples, seed=evaluation.seed, layer_order=evaluation.layer_order
+        )
         results = {"raw": evaluate(self.model, loader, transform, self.autocast, device, **passes)}
         if self.ema is not None:
             results["ema"] = evaluate(self.ema.module, loader, transform, self.autocast, device, **passes)

@@ -20,6 +20,7 @@ def model_kwargs(model_cfg: DictConfig | dict[str, Any]) -> tuple[str, dict[str,
     """
     items = dict(model_cfg) if isinstance(model_cfg, dict) else OmegaConf.to_container(model_cfg, resolve=True)
     name = items.pop("name")
+    items.pop("layer_shuffle", None)  # not a constructor argument: build_model attaches it (models/layer_shuffle.py)
     kwargs = {k: v for k, v in items.items() if v is not None}
     if not supports_token_shuffle(name):
         rate = kwargs.pop("shuffle_rate", 0.0)

@@ -410,6 +410,7 @@ class VisionMamba(nn.Module):
             self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
             self.norm_f = self.norm_layer(embed_dim)
             self.shuffle = LayerwiseShuffle(shuffle_rate, depth, per_sample=shuffle_per_sample)
+            self.layer_shuffle: nn.Module | None = None  # LayerShuffle, attached by .layer_shuffle.with_layer_shuffle
             self._init_head(num_classes)
         # timm's feature contract (features_only=True, FeatureGetterNet): the residual stream after each block
         self.feature_info = [
@@ -512,7 +513,16 @@ class VisionMamba(nn.Module):
         """The blocks (shuffle, checkpointing) up to ``stop``: last hidden, last residual, and the
         residual stream (residual + block output) after each block in ``take``."""
         residual, taken = None, []
-        for i, layer in enumerate(self.layers[:stop]):
+        layers = self.layers[:stop]
+        # LayerShuffle: this forward's block order (the slot sets the token shuffle's depth-linear rate);
+        # without it, the stored order (the path FX traces)
+        order = range(len(layers)) if self.layer_shuffle is None else self.layer_shuffle.order(len(layers))
+        for i, block in enumerate(order):
+            layer = layers[block]
+            if self.layer_shuffle is not None:
+                extra = self.layer_shuffle.enter(block, i, hidden if residual is None else residual + hidden)
+                if extra is not None:
+                    hidden = hidden + extra
             perm = self.shuffle.sample(i, hidden)
             if perm is not None:
                 hidden = permute_tokens(hidden, perm)
@@ -523,6 +533,8 @@ class VisionMamba(nn.Module):
                 hidden, residual = layer(hidden, residual)
             if perm is not None:
                 hidden, residual = restore_tokens(hidden, perm), restore_tokens(residual, perm)
+            if self.layer_shuffle is not None:
+                self.layer_shuffle.leave(block, i, residual + hidden)
             if i in take:
                 taken.append(residual + hidden)
         return hidden, residual, taken
