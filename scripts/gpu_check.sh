@@ -71,7 +71,7 @@ if [[ -n "${DRY_RUN:-}" ]]; then  # CPU rehearsal of every command line, at toy 
   LOADER_ARGS=(--num-images 200 --workers 2 --batch 16 --batches 5 --rounds 1 --index-shards 4 --index-members 20)
 else
   BENCH_ARGS=(--resolutions 224,512,1024 --batch 128 --steps 10 --warmup 3)
-  BENCH_MODELS=vim_small_patch16_224,shufflemamba_base_patch16_224,vmamba_tiny,deit_small_patch16_224,deit_base_patch16_224
+  BENCH_MODELS=vim_small_patch16_224,shufflemamba_base_patch16_224,vmamba_tiny,msvmamba_tiny,deit_small_patch16_224,deit_base_patch16_224
   BENCH_VARIANTS='/triton|^deit'
   PROFILE_VARIANT=vim_small_patch16_224/triton
   COMPILE_VARIANTS='vim_small_patch16_224/triton$|^deit_small'

@@ -52,6 +52,7 @@ from shufflemamba.ops import ScanSettings, cuda_kernels_available, triton_availa
 OURS = ["vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224"]
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 VMAMBA = ["vmamba_tiny", "vmamba_small", "vmamba_base"]
+MSVMAMBA = ["msvmamba_nano", "msvmamba_micro", "msvmamba_tiny"]
 MAMBAOUT = ["mambaout_tiny", "mambaout_small", "mambaout_base"]
 VIM_FAMILY = ("vim_", "shufflemamba_")
 SHUFFLE_RATE = 0.5
@@ -61,6 +62,7 @@ TINY_KWARGS = {
     "shufflemamba_": dict(depth=2, embed_dim=32),
     "deit": dict(depth=2, embed_dim=64, num_heads=2),
     "vmamba_": dict(dims=16, depths=(1, 1, 1, 1)),
+    "msvmamba_": dict(dims=16, depths=(1, 1, 1, 1)),
     "mambaout_": dict(dims=(16, 24, 32, 48), depths=(1, 1, 1, 1)),
 }
 
@@ -118,7 +120,7 @@ def variants(models: list[str], device: str, torch_path: bool) -> list[Variant]:
                 ]
             if torch_path or not (kernels or triton):
                 out += _torch_path(name, name, fused_directions=True, shuffle_rate=0.0)
-        elif name.startswith("vmamba_"):
+        elif name.startswith(("vmamba_", "msvmamba_")):
             if triton:
                 out.append(Variant(f"{name}/triton", name, "triton"))
             if kernels:
@@ -336,7 +338,7 @@ def profile_step(variant: Variant, args, res: int) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", default=",".join(OURS + VMAMBA + DEIT + MAMBAOUT))
+    p.add_argument("--models", default=",".join(OURS + VMAMBA + MSVMAMBA + DEIT + MAMBAOUT))
     p.add_argument("--variants", default=None, help="regex: keep only matching variant labels")
     p.add_argument("--torch-path", action="store_true", help="also the pure-PyTorch scan path when kernels exist")
     p.add_argument("--resolutions", default="224,512,1024")

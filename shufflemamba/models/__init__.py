@@ -1,6 +1,6 @@
 """Model families. Importing this registers every size with timm's ``create_model``.
 
-Ours: Vim / ShuffleMamba (:mod:`.vim`) and VMamba (:mod:`.vmamba`). MambaOut and DeiT are
+Ours: Vim / ShuffleMamba (:mod:`.vim`), VMamba (:mod:`.vmamba`) and MSVMamba (:mod:`.msvmamba`). MambaOut and DeiT are
 timm's own implementations, used as they are.
 """
 
@@ -10,7 +10,8 @@ from typing import Any
 from timm.models import mambaout, vision_transformer
 from torch import nn
 
-from . import vim, vim_reg, vmamba
+from . import msvmamba, vim, vim_reg, vmamba
+from .msvmamba import MSVMAMBA_SIZES, MSVMamba
 from .shuffle import LayerwiseShuffle
 from .vim import VIM_SIZES, BiMambaMixer, MambaBlock, VisionMamba, checkpoint_filter_fn, resize_pos_embed
 from .vim_reg import REG_SIZES, VisionMambaReg
@@ -23,6 +24,7 @@ CHECKPOINT_FILTERS: list[tuple[type, Callable[[dict[str, Any], Any], dict[str, A
     (VisionMambaReg, vim_reg.checkpoint_filter_fn),
     (VisionMamba, vim.checkpoint_filter_fn),
     (VMamba, vmamba.checkpoint_filter_fn),
+    (MSVMamba, msvmamba.checkpoint_filter_fn),
     (mambaout.MambaOut, mambaout.checkpoint_filter_fn),
     (vision_transformer.VisionTransformer, vision_transformer.checkpoint_filter_fn),
 ]
@@ -41,6 +43,8 @@ def supports_token_shuffle(model_name: str) -> bool:
 
 
 __all__ = [
+    "MSVMAMBA_SIZES",
+    "MSVMamba",
     "REG_SIZES",
     "SS2D",
     "VIM_SIZES",

@@ -17,32 +17,28 @@ official MzeroMiko/VMamba code (``channel_first`` / ``ln2d`` builds, whose ``Lin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, Mlp, register_notrace_module
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import Permute
 
-from ..errors import TorchScriptUnsupported
 from ..ops import ScanArgs, ScanSettings, selective_scan
 from ..ops.cross_scan import NUM_DIRECTIONS, cross_merge, cross_scan
 from .creation import creation_context, is_meta
-from .pretrained_cfg import imagenet_cfg
-from .ssm_init import init_dt_projection_, s4d_real_log_a
+from .hierarchy import HierarchicalBackbone, create_hierarchical, hierarchical_cfg
+from .ssm_init import DirectionalSSM
 
 __all__ = ["SS2D", "VMamba", "VSSBlock", "checkpoint_filter_fn"]
 
 
 @register_notrace_module  # FX: one leaf (its layout follows the device its tensors are on, known only at run time)
-class SS2D(nn.Module):
+class SS2D(DirectionalSSM):
     """2-D selective scan, "v05_noz": in-proj, 3x3 depthwise conv, SiLU, 4-direction scan,
     merge, LayerNorm, out-proj. No gate branch (``noz``). Input and output (B, H, W, C)."""
 
@@ -60,35 +56,14 @@ class SS2D(nn.Module):
         scan_backend: str | ScanSettings | None = None,
     ) -> None:
         super().__init__()
-        self.d_state = d_state
-        self.d_inner = inner = int(ssm_ratio * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.scan_settings = ScanSettings.of(scan_backend)
-        k = NUM_DIRECTIONS
-
+        inner = self._init_directional_ssm(NUM_DIRECTIONS, d_model, d_state, ssm_ratio, dt_rank, scan_backend)
         self.in_proj = nn.Linear(d_model, inner, bias=False)
         self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2, groups=inner, bias=conv_bias)
         self.act = nn.SiLU()
-        # Per-direction parameters, stacked along a leading direction axis (the official layout).
-        self.x_proj_weight = nn.Parameter(torch.empty(k, self.dt_rank + 2 * d_state, inner))
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, inner, self.dt_rank))
-        self.dt_projs_bias = nn.Parameter(torch.empty(k, inner))
-        self.A_logs = nn.Parameter(torch.empty(k * inner, d_state))
-        self.Ds = nn.Parameter(torch.empty(k * inner))
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
         if not is_meta(self):
             self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
-
-    @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4) -> None:
-        """Official init: x_proj as nn.Linear's default, Mamba's dt / A / D init per direction."""
-        bound = self.d_inner**-0.5
-        self.x_proj_weight.uniform_(-bound, bound)
-        for k in range(NUM_DIRECTIONS):
-            init_dt_projection_(self.dt_projs_weight[k], self.dt_projs_bias[k], dt_min, dt_max, dt_init_floor)
-        self.A_logs.copy_(s4d_real_log_a(NUM_DIRECTIONS * self.d_inner, self.d_state))
-        self.Ds.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, _ = x.shape
@@ -195,27 +170,7 @@ def _downsample(dim: int, out_dim: int, eps: float) -> nn.Sequential:
     )
 
 
-class VMambaStage(nn.Module):
-    def __init__(self, blocks: list[VSSBlock], downsample: nn.Module) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(*blocks)
-        self.downsample = downsample
-        self.grad_checkpointing = False
-
-    def run_blocks(self, x: Tensor) -> Tensor:
-        """The stage's blocks, without the downsampling that follows them."""
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.downsample(self.run_blocks(x))
-
-
-class VMamba(nn.Module):
+class VMamba(HierarchicalBackbone):
     """4-stage VMamba: conv stem (/4), VSS blocks with conv downsampling (/8, /16, /32),
     LN + global average pool + linear head. Any input size works (no position embedding)."""
 
@@ -240,162 +195,22 @@ class VMamba(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        depths = list(depths)
-        dims = [int(dims) * 2**i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
-        if len(dims) != len(depths):
-            raise ValueError(f"dims {dims} and depths {depths} must have one entry per stage")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.dims = dims
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.output_fmt = "NHWC"  # features are channels-last, as timm's Swin / MambaOut
-        # timm's feature contract: each stage's map after its blocks (before its downsampling), stride 4 .. 32
-        self.feature_info = [
-            dict(module=f"layers.{i}.blocks", num_chs=dim, reduction=4 * 2**i) for i, dim in enumerate(dims)
-        ]
-
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace(0, rate, total)
+        dims, rates = self._init_surface(num_classes, global_pool, dims, depths, drop_path_rate)
         ssm_kwargs = dict(
             d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias,
             scan_backend=ScanSettings.of(scan_backend),  # resolved once for every block
         )  # fmt: skip
         with creation_context(device, dtype):
             self.patch_embed = _stem(in_chans, dims[0], norm_eps)
-            self.layers = nn.ModuleList()
-            for i, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
-                first = sum(depths[:i])
-                blocks = [
-                    VSSBlock(dim, drop_path=dpr[first + j], mlp_ratio=mlp_ratio, norm_eps=norm_eps, **ssm_kwargs)
-                    for j in range(depth)
-                ]
-                down = nn.Identity() if i == len(depths) - 1 else _downsample(dim, dims[i + 1], norm_eps)
-                self.layers.append(VMambaStage(blocks, down))
-            self.classifier = nn.ModuleDict(
-                {
-                    "norm": nn.LayerNorm(self.num_features, eps=norm_eps),
-                    "head": nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),
-                }
+            self._build_stages(
+                dims,
+                rates,
+                lambda dim, rate: VSSBlock(dim, drop_path=rate, mlp_ratio=mlp_ratio, norm_eps=norm_eps, **ssm_kwargs),
+                lambda dim, out: _downsample(dim, out, norm_eps),
             )
-            self.head_drop = nn.Dropout(drop_rate)
+            self._build_classifier(drop_rate, norm_eps)
         if not is_meta(self):
             self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Official init: trunc-normal(0.02) Linear weights with zero bias; the SSM's own
-        parameters (not Linear modules) keep their Mamba init; convs keep PyTorch's."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-    # ---- timm model surface -------------------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Nothing beyond what timm skips anyway (every 1-D tensor: norms, biases, ``Ds``): the
-        official optimizer decays the 2-D ``A_logs`` and ``dt_projs_bias`` too, and the published
-        numbers were trained that way."""
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer-decay groups: stem, each block (or each stage), its downsampling after it, final norm."""
-        if coarse:
-            blocks: Any = r"^layers\.(\d+)"
-        else:
-            blocks = [
-                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
-                (r"^layers\.(\d+)\.downsample", (99998,)),
-                (r"^classifier\.norm", (99999,)),
-            ]
-        return dict(stem=r"^patch_embed", blocks=blocks)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.classifier["head"]
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new head for ``num_classes`` (0: none, features out), on the model's device and dtype."""
-        if global_pool is not None and global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        ref = self.patch_embed[0].weight
-        head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
-        self.classifier["head"] = head or nn.Identity()
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        raise TorchScriptUnsupported(type(self).__name__)
-
-    # ---- forward --------------------------------------------------------------------------
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images (B, C, H, W) -> last-stage features (B, H/32, W/32, C), channels-last."""
-        x = self.patch_embed(x)
-        for stage in self.layers:
-            x = stage(x)
-        return x
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """Per-stage feature maps (after each stage's blocks, before its downsampling; strides
-        4, 8, 16, 32) for the stages in ``indices`` (last n if int, all if None), NCHW or NHWC.
-        ``norm`` applies the classifier's norm to the last stage's map (timm's convention)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        intermediates = []
-        x = self.patch_embed(x)
-        last = len(self.layers) - 1
-        stages = self.layers[: max_index + 1] if stop_early else self.layers
-        for i, stage in enumerate(stages):
-            x = stage.run_blocks(x)
-            if i in take:
-                y = self.classifier["norm"](x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-            x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last index taken (and the final norm / head if asked)."""
-        take, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
-        self.layers[-1].downsample = nn.Identity()
-        if prune_norm:
-            self.classifier["norm"] = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.classifier["norm"](x)
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.classifier["head"](x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: VMamba) -> dict[str, Tensor]:
@@ -415,15 +230,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VMamba) -> dict[str,
 
 # ---- registered sizes -----------------------------------------------------------------------
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return imagenet_cfg(
-        pool_size=(7, 7),
-        fixed_input_size=False,
-        first_conv="patch_embed.0",
-        classifier="classifier.head",
-        license="mit",
-        paper_ids="arXiv:2401.10166",
-        **kwargs,
-    )
+    return hierarchical_cfg("arXiv:2401.10166", **kwargs)
 
 
 default_cfgs = generate_default_cfgs(
@@ -457,15 +264,7 @@ VMAMBA_SIZES: dict[str, VMambaSize] = {
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VMamba:
     size = VMAMBA_SIZES[variant]
     defaults = dict(dims=size.dims, depths=size.depths, ssm_ratio=size.ssm_ratio, drop_path_rate=size.drop_path_rate)
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))  # features_only: every stage, as timm's CNNs
-    return build_model_with_cfg(
-        VMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**defaults, **kwargs},
-    )
+    return create_hierarchical(VMamba, variant, pretrained, checkpoint_filter_fn, defaults, kwargs)
 
 
 @register_model

@@ -12,7 +12,7 @@ from conftest import ROOT, compose_cfg
 from shufflemamba.engine.builders import resolve_input_settings
 from shufflemamba.engine.choices import validate
 from shufflemamba.errors import UserError
-from shufflemamba.models import REG_SIZES, VIM_SIZES, VMAMBA_SIZES
+from shufflemamba.models import MSVMAMBA_SIZES, REG_SIZES, VIM_SIZES, VMAMBA_SIZES
 from shufflemamba.models.from_config import model_kwargs
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -41,9 +41,10 @@ def test_every_model_config_builds_its_model_with_the_registered_size_and_rates(
     if name in SIZE_TABLES:  # null rates in the YAML: the size table (their one home) applies
         size = SIZE_TABLES[name]
         assert _rates(model) == pytest.approx((size.shuffle_rate, size.drop_path_rate))
-    if name in VMAMBA_SIZES:
-        assert _rates(model)[1] == pytest.approx(VMAMBA_SIZES[name].drop_path_rate)
-    if name.startswith(("vmamba", "mambaout", "deit")):  # no token-shuffle key on the families without one
+    if name in VMAMBA_SIZES or name in MSVMAMBA_SIZES:
+        size = VMAMBA_SIZES.get(name) or MSVMAMBA_SIZES[name]
+        assert _rates(model)[1] == pytest.approx(size.drop_path_rate)
+    if name.startswith(("vmamba", "msvmamba", "mambaout", "deit")):  # no token-shuffle key on the families without one
         assert "shuffle_rate" not in cfg.model
 
 

@@ -145,6 +145,14 @@ def test_vmamba_gpu_backends_match_torch_forward_and_backward(dtype, tol):
     _assert_backends_agree(model, x, dtype, tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_msvmamba_gpu_backends_match_torch_forward_and_backward(dtype, tol):
+    """MS2D's two scans (full-resolution forward; the stride-2 map's three concatenated orders)."""
+    torch.manual_seed(0)
+    model = timm.create_model("msvmamba_nano", dims=32, depths=(1, 2, 1, 1), num_classes=10, drop_path_rate=0.0)
+    _assert_backends_agree(model.cuda(), torch.randn(4, 3, 64, 48, device="cuda"), dtype, tol)
+
+
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=needs_mamba_ssm)])
 def test_fused_equals_unfused(backend):
     x = torch.randn(4, 3, 64, 64, device="cuda")

@@ -101,6 +101,7 @@ def test_a_micro_batch_left_empty_by_undecodable_images_is_skipped_on_one_rank_o
 FAMILIES = {
     "vmamba": ["model=vmamba_tiny", "model.dims=16", "model.depths=[1,1,2,1]"],
     "mambaout": ["model=mambaout_femto", "model.dims=[16,24,32,48]", "model.depths=[1,1,2,1]"],
+    "msvmamba": ["model=msvmamba_nano", "model.dims=16", "model.depths=[1,1,2,1]"],
     "deit": ["model=deit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
              "model.num_heads=2"],
 }  # fmt: skip
