@@ -436,8 +436,9 @@ class Trainer:
                 stats = self.train_epoch(epoch, self.progress.sample_in_epoch if epoch == first_epoch else 0)
                 epoch_seconds.append(stats.seconds)
                 eta = (tcfg.epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds)
+                rate_digits = 1 if stats.images_per_sec < 10 else 0  # a 224-px model on a CPU: not "0 img/s"
                 summary = (
-                    f"epoch {epoch}: train loss {stats.loss:.4f} | {stats.images_per_sec:.0f} img/s | "
+                    f"epoch {epoch}: train loss {stats.loss:.4f} | {stats.images_per_sec:.{rate_digits}f} img/s | "
                     f"{stats.seconds:.1f} s (ETA {_clock(eta)})"
                 )
                 if (epoch + 1) % tcfg.eval_every_epochs == 0 or epoch + 1 == tcfg.epochs:
