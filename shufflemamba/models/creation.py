@@ -11,12 +11,37 @@ timm's layers, whatever their version accepts) is created there; and nothing is 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from timm.models import build_model_with_cfg
 from torch import nn
 
-__all__ = ["creation_context", "is_meta"]
+__all__ = ["build_registered", "creation_context", "is_meta"]
+
+
+def build_registered(
+    cls: type,
+    variant: str,
+    pretrained: bool,
+    filter_fn: Callable,
+    defaults: dict[str, Any],
+    kwargs: dict[str, Any],
+    out_indices: int | tuple[int, ...],
+) -> nn.Module:
+    """A registered size through timm's builder: the size table's ``defaults`` under the caller's
+    ``kwargs``, official files through ``filter_fn``; ``out_indices`` is what ``features_only``
+    returns unless the caller asks for other indices."""
+    out_indices = kwargs.pop("out_indices", out_indices)
+    return build_model_with_cfg(
+        cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **{**defaults, **kwargs},
+    )
 
 
 @contextlib.contextmanager

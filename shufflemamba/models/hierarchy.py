@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import TorchScriptUnsupported
+from .creation import build_registered
 from .pretrained_cfg import imagenet_cfg
 
 
@@ -38,17 +38,9 @@ def hierarchical_cfg(paper: str, **kwargs: Any) -> dict[str, Any]:
 def create_hierarchical(
     cls: type, variant: str, pretrained: bool, filter_fn: Callable, defaults: dict[str, Any], kwargs: dict[str, Any]
 ) -> nn.Module:
-    """A registered size through timm's builder: the size table's ``defaults`` under the caller's
-    ``kwargs``; ``features_only`` gives every stage by default, as timm's CNNs."""
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**defaults, **kwargs},
-    )
+    """:func:`build_registered` for a four-stage family: ``features_only`` gives every stage by
+    default, as timm's CNNs."""
+    return build_registered(cls, variant, pretrained, filter_fn, defaults, kwargs, out_indices=(0, 1, 2, 3))
 
 
 class Stage(nn.Module):

@@ -28,14 +28,14 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import TorchScriptUnsupported
 from ..ops import ScanArgs, ScanSettings, causal_conv1d, selective_scan
-from .creation import creation_context, is_meta
+from .creation import build_registered, creation_context, is_meta
 from .pretrained_cfg import imagenet_cfg
 from .shuffle import LayerwiseShuffle, permute_tokens, restore_tokens
 from .ssm_init import init_dt_projection_, s4d_real_log_a
@@ -691,15 +691,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
         shuffle_rate=size.shuffle_rate,
         drop_path_rate=size.drop_path_rate,
     )
-    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
-    return build_model_with_cfg(
-        VisionMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**defaults, **kwargs},
-    )
+    # features_only: the last 3 blocks, as timm's ViT
+    return build_registered(VisionMamba, variant, pretrained, checkpoint_filter_fn, defaults, kwargs, out_indices=3)
 
 
 @register_model

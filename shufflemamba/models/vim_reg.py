@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from timm.layers import register_notrace_function, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from .creation import build_registered
 from .pretrained_cfg import imagenet_cfg
 from .vim import VisionMamba, resize_pos_embed
 
@@ -192,15 +193,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
         shuffle_rate=size.shuffle_rate,
         drop_path_rate=size.drop_path_rate,
     )
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        VisionMambaReg,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**defaults, **kwargs},
-    )
+    return build_registered(VisionMambaReg, variant, pretrained, checkpoint_filter_fn, defaults, kwargs, out_indices=3)
 
 
 @register_model
